@@ -1,0 +1,129 @@
+# libpconn - plain Makefile.
+#   make                 libpconn.a, libpconn.so, pconn.pc, samples
+#   make check           install missing packages, build, run every test
+#   make demo            install missing packages, build, show failover live
+#   make bench           benchmarks (not part of check)
+#   make fuzz            libFuzzer targets (clang)
+#   make install         PREFIX=/usr/local DESTDIR=
+#   SANITIZE=address|thread builds everything instrumented, in its own build directory.
+
+VERSION := $(shell sed -n 's/^\#define PCONN_VERSION_STRING "\(.*\)"/\1/p' include/pconn.h)
+MAJOR   := $(shell sed -n 's/^\#define PCONN_VERSION_MAJOR //p' include/pconn.h)
+SONAME  := libpconn.so.$(MAJOR)
+
+PREFIX     ?= /usr/local
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+DESTDIR    ?=
+
+CC       ?= cc
+SANITIZE ?=
+OPT      ?= -O2 -g
+WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
+BASE     := -std=c11 -D_GNU_SOURCE -pthread $(OPT) $(WARN) -Iinclude -Isrc
+
+ifeq ($(SANITIZE),address)
+  SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+else ifeq ($(SANITIZE),thread)
+  SAN := -fsanitize=thread
+else ifneq ($(SANITIZE),)
+  $(error SANITIZE must be address or thread)
+endif
+
+B       := build/$(or $(SANITIZE),plain)
+# V=1 shows the commands.
+Q       := $(if $(V),,@)
+CFLAGS  += $(BASE) $(SAN)
+LDFLAGS += $(SAN) -pthread
+DEPLIBS := -lcurl -ljansson
+
+LIB_SRC := $(wildcard src/*.c resolvers/*.c)
+LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o)
+HEADERS := $(wildcard include/*.h)
+
+TEST_SUITES := $(patsubst test/%.c,%,$(wildcard test/test_*.c))
+TEST_COMMON := $(patsubst %.c,$(B)/%.o,$(wildcard test/common*.c))
+TEST_BINS   := $(TEST_SUITES:%=$(B)/test/%)
+SAMPLES     := $(patsubst samples/%.c,$(B)/samples/%,$(wildcard samples/*.c))
+BENCH_BINS  := $(patsubst test/bench/%.c,$(B)/bench/%,$(wildcard test/bench/bench_*.c))
+
+.SECONDARY:
+.PHONY: all lib check demo bench bench-build fuzz install uninstall clean deps lint tests
+
+all: lib $(SAMPLES)
+lib: $(B)/libpconn.a $(B)/$(SONAME) $(B)/pconn.pc
+
+deps:
+	@test/deps.sh
+
+$(B)/%.o: %.c $(HEADERS) src/internal.h $(wildcard test/*.h)
+	@mkdir -p $(dir $@)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(CFLAGS) -fPIC -c $< -o $@
+
+$(B)/libpconn.a: $(LIB_OBJ)
+	@echo "  AR      $@"
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(B)/$(SONAME): $(LIB_OBJ) src/pconn.map
+	@echo "  LD      $@"
+	$(Q)$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=src/pconn.map -o $@ $(LIB_OBJ) $(LDFLAGS) $(DEPLIBS)
+	$(Q)ln -sf $(SONAME) $(B)/libpconn.so
+
+PC_SED := sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+	-e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|'
+
+$(B)/pconn.pc: pconn.pc.in include/pconn.h
+	$(Q)$(PC_SED) $< > $@
+
+$(B)/test/%: $(B)/test/%.o $(TEST_COMMON) $(B)/libpconn.a
+	@echo "  LINK    $@"
+	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit
+
+$(B)/samples/%: $(B)/samples/%.o $(B)/libpconn.a
+	@echo "  LINK    $@"
+	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS)
+
+$(B)/bench/%: $(B)/test/bench/%.o $(TEST_COMMON) $(B)/libpconn.a
+	@mkdir -p $(dir $@)
+	@echo "  LINK    $@"
+	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lm
+
+tests: $(TEST_BINS) $(SAMPLES)
+
+check: deps
+	@$(MAKE) --no-print-directory lib tests
+	test/run-tests.sh $(B) "$(SANITIZE)"
+	@if [ -z "$(SANITIZE)" ]; then test/install-test.sh; fi
+
+demo: deps
+	@$(MAKE) --no-print-directory $(B)/samples/demo
+	$(B)/samples/demo
+
+bench-build: $(BENCH_BINS)
+bench: deps
+	@$(MAKE) --no-print-directory bench-build
+	test/bench/run.sh $(B)
+
+fuzz: deps
+	$(MAKE) -f test/fuzz/fuzz.mk
+
+install: lib
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+	install -m 644 $(HEADERS) $(DESTDIR)$(INCLUDEDIR)/
+	install -m 644 $(B)/libpconn.a $(DESTDIR)$(LIBDIR)/
+	install -m 755 $(B)/$(SONAME) $(DESTDIR)$(LIBDIR)/
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libpconn.so
+	$(PC_SED) pconn.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/,$(notdir $(HEADERS)))
+	rm -f $(DESTDIR)$(LIBDIR)/libpconn.a $(DESTDIR)$(LIBDIR)/libpconn.so $(DESTDIR)$(LIBDIR)/$(SONAME)
+	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
+
+lint:
+	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+	    --std=c11 -D_GNU_SOURCE -Iinclude -Isrc src resolvers
+
+clean:
+	rm -rf build test/bench/results.json

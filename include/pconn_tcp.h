@@ -1,0 +1,72 @@
+/* pconn_tcp.h - TCP and Unix-domain stream connections for libpconn.
+ *
+ * Addresses: "host:port" (a name or IPv4 literal; every address the name resolves to is
+ * tried in turn), "[v6addr]:port", "unix:/path" (or "unix:@name" for Linux's abstract
+ * namespace). Ports are 1-65535.
+ *
+ * Connections made here: the fd is blocking and close-on-exec; pconn_conn_close() is
+ * shutdown(2), so reads and writes of every holder fail at once; the last
+ * pconn_conn_unref() is close(2). The worker watches the fd for hang-up only (it never
+ * reads), so a peer that closes or resets is noticed at once. A peer that vanishes
+ * without a word is noticed by TCP keepalive and TCP_USER_TIMEOUT, both on by default.
+ *
+ * Write to the fd with send(..., MSG_NOSIGNAL) or pconn_tcp_send_all(): a write to a
+ * connection the peer has closed then fails with EPIPE instead of raising SIGPIPE.
+ */
+#ifndef PCONN_TCP_H
+#define PCONN_TCP_H
+
+#include "pconn.h"
+
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pconn_tcp_options_t {
+    int64_t connect_timeout_ms; /* 0: 10 s; for all the addresses of a name together */
+    const char *bind_address;   /* NULL: any local address; else a numeric IP, port 0 */
+    bool nodelay;               /* TCP_NODELAY */
+    int keepalive_idle_s;       /* 0: 30 s; negative: no keepalive */
+    int user_timeout_ms;        /* TCP_USER_TIMEOUT; 0: 30 s; negative: the system's */
+} pconn_tcp_options_t;
+
+/* A pconn_connect_fn: connects to address with tcp_options (a pconn_tcp_options_t *, NULL
+ * for the defaults). When called by a pconn's worker, pconn_close() interrupts it within
+ * milliseconds. Returns PCONN_OK with *conn set; PCONN_EINVAL for a malformed address,
+ * PCONN_ERESOLVE when the name does not resolve, PCONN_ETIMEDOUT when connect_timeout_ms
+ * passes, PCONN_ECONNECT when every address refused, PCONN_ECLOSED when interrupted;
+ * err's message names the address and the cause. Any thread. */
+int pconn_tcp_connect(void *tcp_options, const char *address, pconn_conn_t **conn,
+                      pconn_error_t *err);
+
+/* The socket of a connection made by pconn_tcp_connect(), or -1 for any other
+ * connection. Valid while the caller holds a reference; never close it. */
+int pconn_tcp_fd(const pconn_conn_t *conn);
+
+/* Writes all len bytes to a connection made by pconn_tcp_connect(), never raising
+ * SIGPIPE. PCONN_OK, PCONN_EINVAL (not a TCP connection) or PCONN_EIO with err filled
+ * (err may be NULL). Blocks until written; pconn_conn_close() makes it fail. */
+int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len,
+                       pconn_error_t *err);
+
+/* The one-call persistent TCP connection: pconn_create() with connect set to
+ * pconn_tcp_connect and a copy of *tcp (NULL: defaults) as its argument. opts->connect
+ * and opts->connect_arg are ignored. Ownership and results as pconn_create(). */
+int pconn_tcp_create(const pconn_options_t *opts, const pconn_tcp_options_t *tcp,
+                     pconn_t **out);
+
+/* Opens a listening socket (close-on-exec, SO_REUSEADDR) on address; port 0 picks a
+ * free port. A stale Unix socket file at the path is replaced. backlog <= 0 means
+ * SOMAXCONN. Returns the fd, or -1 with err filled. For servers and tests. */
+int pconn_tcp_listen(const char *address, int backlog, pconn_error_t *err);
+
+/* Writes the local address of a socket in the form connect accepts ("127.0.0.1:4242",
+ * "[::1]:4242", "unix:/path"). PCONN_OK, or PCONN_EINVAL (too small, not a socket). */
+int pconn_tcp_local_address(int fd, char *buf, size_t size);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PCONN_TCP_H */

@@ -1,0 +1,60 @@
+/* common.h - what every test suite shares: an event recorder that tests wait on, fake
+ * connections over socketpairs, fd counting, and the CUnit runner. */
+#ifndef PCONN_TEST_COMMON_H
+#define PCONN_TEST_COMMON_H
+
+#include "pconn.h"
+
+#include <CUnit/CUnit.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+/* A generous safety net for waits on events; tests never assert speed. */
+#define WAIT_MS 20000
+
+#define REC_MAX 512
+typedef struct rec_event_t {
+    pconn_event_kind_t kind;
+    char address[PCONN_ADDRESS_MAX];
+    pconn_error_t error;
+    int64_t time_ns;
+} rec_event_t;
+
+typedef struct recorder_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int n;
+    rec_event_t ev[REC_MAX];
+    /* Called after recording, on the worker thread, if set. */
+    void (*hook)(const pconn_event_t *ev, void *arg);
+    void *hook_arg;
+} recorder_t;
+
+void rec_init(recorder_t *r);
+void rec_destroy(recorder_t *r);
+void rec_on_event(const pconn_event_t *ev, void *arg); /* arg: recorder_t * */
+/* Waits until at least n events are recorded; returns the count then. */
+int rec_wait(recorder_t *r, int n, int64_t timeout_ms);
+/* Waits until the k-th event (0-based) of the given kind is recorded; its index or -1. */
+int rec_wait_kind(recorder_t *r, pconn_event_kind_t kind, int k, int64_t timeout_ms);
+int rec_count(recorder_t *r);
+/* The sequence as letters: A(ttempting) O(btained) F(ailed) C(onnected) D(isconnected). */
+void rec_letters(recorder_t *r, char *buf, size_t size);
+rec_event_t rec_get(recorder_t *r, int i);
+
+/* A connection over one end of a socketpair; the peer end is returned to the test.
+ * Each destroy increments *destroyed (may be NULL). */
+pconn_conn_t *fake_conn_new(int *peer_fd, atomic_int *destroyed);
+/* A connection with no fd at all, ended only by pconn_conn_close(). */
+pconn_conn_t *fdless_conn_new(atomic_int *destroyed);
+
+int count_open_fds(void);
+
+typedef struct test_def_t {
+    const char *name;
+    void (*fn)(void);
+} test_def_t;
+/* Runs the tests (NULL-terminated) as one CUnit suite; the exit status for main(). */
+int run_suite(const char *suite, const test_def_t *tests, int argc, char **argv);
+
+#endif

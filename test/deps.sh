@@ -1,0 +1,21 @@
+#!/bin/sh
+# Installs the system packages the build and the tests need, only when one is missing.
+# Debian/Ubuntu (apt-get), as root or through sudo.
+set -e
+missing=""
+have_header() { printf '#include <%s>\n' "$1" | ${CC:-cc} -E -x c - >/dev/null 2>&1; }
+have_header curl/curl.h     || missing="$missing libcurl4-openssl-dev"
+have_header jansson.h       || missing="$missing libjansson-dev"
+have_header CUnit/CUnit.h   || missing="$missing libcunit1-dev"
+command -v etcd >/dev/null  || missing="$missing etcd-server"
+command -v pkg-config >/dev/null || missing="$missing pkg-config"
+command -v clang >/dev/null || missing="$missing clang"
+[ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] ||
+    missing="$missing libfuzzer-14-dev"
+command -v ip >/dev/null    || missing="$missing iproute2"
+[ -z "$missing" ] && exit 0
+echo "deps: installing$missing"
+if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
