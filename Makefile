@@ -48,7 +48,7 @@ SAMPLES     := $(patsubst samples/%.c,$(B)/samples/%,$(wildcard samples/*.c))
 BENCH_BINS  := $(patsubst test/bench/%.c,$(B)/bench/%,$(wildcard test/bench/bench_*.c))
 
 .SECONDARY:
-.PHONY: all lib check demo bench bench-build fuzz install uninstall clean deps lint tests
+.PHONY: all lib check demo bench bench-build fuzz fuzz-build install uninstall clean deps lint tests
 
 all: lib $(SAMPLES)
 lib: $(B)/libpconn.a $(B)/$(SONAME) $(B)/pconn.pc
@@ -106,7 +106,10 @@ bench: deps
 	test/bench/run.sh $(B)
 
 fuzz: deps
-	$(MAKE) -f test/fuzz/fuzz.mk
+	@$(MAKE) --no-print-directory -f test/fuzz/fuzz.mk fuzz-run
+
+fuzz-build:
+	@$(MAKE) --no-print-directory -f test/fuzz/fuzz.mk fuzz-build
 
 install: lib
 	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)

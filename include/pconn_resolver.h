@@ -1,4 +1,5 @@
-/* pconn_resolver.h - ready resolvers: DNS, a file, a chain of resolvers.
+/* pconn_resolver.h - ready resolvers: DNS, a file, a chain, HTTP service catalogs; and
+ * the announcer with which a server publishes itself in etcd.
  *
  * A resolver is asked for one address before every attempt, by the worker of the pconn
  * that owns it. Constructors return NULL on bad options with errno EINVAL (or ENOMEM).
@@ -32,6 +33,62 @@ pconn_resolver_t *pconn_resolver_file(const char *path);
  * all fail, the error is PCONN_ERESOLVE with the last one's message. Takes ownership of
  * all n resolvers, also when it fails (then it frees them). The array is copied. */
 pconn_resolver_t *pconn_resolver_chain(pconn_resolver_t *const *resolvers, size_t n);
+
+/* ---- HTTP service catalogs (libcurl + jansson) ----------------------------------- */
+
+typedef enum {
+    PCONN_CATALOG_JSON,   /* GET url: "host:port", {"host","port"}, {"address"}, or a list */
+    PCONN_CATALOG_ETCD,   /* etcd's v3 JSON gateway: every key under the prefix `key` */
+    PCONN_CATALOG_CONSUL  /* GET url/v1/health/service/<key>?passing */
+} pconn_catalog_format_t;
+
+typedef enum { PCONN_PICK_ROUND_ROBIN, PCONN_PICK_RANDOM, PCONN_PICK_FIRST } pconn_pick_t;
+
+typedef struct pconn_http_catalog_options_t {
+    const char *url; /* json: the document; etcd, consul: base URL, e.g. http://127.0.0.1:2379 */
+    pconn_catalog_format_t format;
+    const char *key;                /* etcd: key prefix; consul: service name */
+    pconn_pick_t pick;
+    int64_t timeout_ms;             /* whole request, connect included; 0: 2 s */
+    size_t max_response_bytes;      /* 0: 1 MiB; larger answers fail while arriving */
+    const char *bearer_token;       /* NULL: none; sent as "Authorization: Bearer ..." */
+    const char *ca_file;            /* NULL: the system's CA store; TLS is always verified */
+} pconn_http_catalog_options_t;
+
+/* A resolver that asks an HTTP service catalog before every attempt and picks one of
+ * the instances it lists. One keep-alive connection to the catalog is reused across
+ * lookups; pconn_close() interrupts a lookup in progress. Only http:// and https:// URLs.
+ * An instance value is {"host":"10.0.0.5","port":7001}, {"address":"host:port"} or a
+ * "host:port" string; instances that are not valid are skipped. Every failure is
+ * PCONN_ERESOLVE with a message naming the URL and the cause (refused, timed out, HTTP
+ * status, not JSON, wrong shape, no instances, bad host or port, answer too big).
+ * Strings in opts are copied. NULL with errno EINVAL on bad options. */
+pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts);
+
+/* ---- Announcing a server in etcd ----------------------------------------------------- */
+
+typedef struct pconn_announce_options_t {
+    const char *etcd_url; /* e.g. http://127.0.0.1:2379 */
+    const char *key;      /* full key of this instance, e.g. /services/echo/7001 */
+    const char *address;  /* what clients should connect to: "host:port" */
+    int ttl_s;            /* 0: 10; etcd may raise a very small TTL to its minimum */
+} pconn_announce_options_t;
+
+typedef struct pconn_announcer_t pconn_announcer_t;
+
+/* Publishes address under key in etcd, as {"host":..,"port":..}, attached to a lease
+ * with ttl_s, and keeps the lease alive from a thread of its own (every ttl_s/3). The
+ * first registration is made before this returns: PCONN_OK with *out set, or an error
+ * (PCONN_EINVAL bad options, PCONN_ECONNECT etcd unreachable, PCONN_EPROTO an odd
+ * answer) with err filled (err may be NULL). Afterwards, while etcd is unreachable it
+ * keeps trying, and when the lease has expired meanwhile it registers again under a new
+ * lease. If the process dies, the lease expires and the key goes after ttl_s. */
+int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t **out,
+                         pconn_error_t *err);
+
+/* Stops keeping the lease alive and revokes it, so the key goes at once (best effort,
+ * bounded by a 2 s request timeout), then frees a. NULL is ignored. */
+void pconn_announce_stop(pconn_announcer_t *a);
 
 #ifdef __cplusplus
 }

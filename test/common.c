@@ -4,10 +4,14 @@
 #include <CUnit/Basic.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -210,4 +214,64 @@ int run_suite(const char *suite, const test_def_t *tests, int argc, char **argv)
     unsigned run = CU_get_number_of_tests_run();
     CU_cleanup_registry();
     return failures == 0 && run > 0 ? 0 : 1;
+}
+
+const char *test_build_dir(void)
+{
+    const char *b = getenv("PCONN_TEST_BUILD");
+    return b != NULL ? b : "build/plain";
+}
+
+int tproc_spawn(tproc_t *p, const char *const *argv)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/samples/%s", test_build_dir(), argv[0]);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0)
+        return -1;
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent)
+            _exit(1);
+        dup2(fds[1], 1);
+        execv(path, (char *const *)argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    if (pid < 0) {
+        close(fds[0]);
+        return -1;
+    }
+    p->pid = pid;
+    p->out = fdopen(fds[0], "r");
+    return 0;
+}
+
+int tproc_read_line(tproc_t *p, char *buf, size_t size)
+{
+    if (fgets(buf, (int)size, p->out) == NULL)
+        return -1;
+    buf[strcspn(buf, "\n")] = '\0';
+    return 0;
+}
+
+void tproc_signal(tproc_t *p, int sig)
+{
+    kill(p->pid, sig);
+    if (sig == SIGKILL)
+        tproc_wait(p);
+}
+
+int tproc_wait(tproc_t *p)
+{
+    int status = 0;
+    if (p->pid > 0)
+        waitpid(p->pid, &status, 0);
+    p->pid = 0;
+    if (p->out != NULL)
+        fclose(p->out);
+    p->out = NULL;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }

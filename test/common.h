@@ -50,6 +50,23 @@ pconn_conn_t *fdless_conn_new(atomic_int *destroyed);
 
 int count_open_fds(void);
 
+/* The build directory the tests run from (PCONN_TEST_BUILD), for the sample programs. */
+const char *test_build_dir(void);
+
+/* A child process whose stdout is read line by line; it dies with the test process. */
+typedef struct tproc_t {
+    int pid;
+    FILE *out;
+} tproc_t;
+/* argv[0] is a program in the build's samples/ directory. 0 or -1. */
+int tproc_spawn(tproc_t *p, const char *const *argv);
+/* Reads one line of its output into buf, without the newline; 0, or -1 at its end. */
+int tproc_read_line(tproc_t *p, char *buf, size_t size);
+/* Sends sig; with SIGKILL also reaps it and closes its output. */
+void tproc_signal(tproc_t *p, int sig);
+/* Waits for it to end; its exit status, or -1 when killed by a signal. */
+int tproc_wait(tproc_t *p);
+
 typedef struct test_def_t {
     const char *name;
     void (*fn)(void);

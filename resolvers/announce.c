@@ -1,0 +1,238 @@
+/* announce.c - a server publishes its address in etcd under a lease and keeps the lease
+ * alive from its own thread; stop revokes the lease, a crash lets it expire. */
+#include "catalog.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_TTL_S 10
+#define REQUEST_TIMEOUT_MS 2000
+#define MAX_ANSWER_BYTES (64 * 1024)
+#define RETRY_MS 500 /* while etcd is unreachable */
+
+struct pconn_announcer_t {
+    pthread_t thread;
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    bool stop;           /* guarded by mutex */
+    pconn__http_t http;  /* the thread's alone once it runs */
+    char *base;          /* etcd URL without a trailing '/' */
+    char *key_b64, *value_b64;
+    int ttl_s;
+    char lease[32];      /* the lease ID as etcd writes it, "" when none */
+};
+
+/* POSTs body to base+path and parses the JSON answer. PCONN_EUNIMPLEMENTED when the
+ * gateway has no such route (an older or newer etcd). */
+static int etcd_call(pconn_announcer_t *a, const char *path, const char *body, json_t **out,
+                     pconn_error_t *err)
+{
+    char url[600];
+    snprintf(url, sizeof url, "%s%s", a->base, path);
+    pconn__http_reply_t reply;
+    *out = NULL;
+    if (pconn__http_request(&a->http, url, body, &reply, err) != PCONN_OK) {
+        err->code = PCONN_ECONNECT;
+        return PCONN_ECONNECT;
+    }
+    int rc = PCONN_OK;
+    json_t *root = json_loadb(reply.body, reply.len, 0, NULL);
+    if (reply.status == 404 && reply.len == 0) {
+        rc = PCONN_EUNIMPLEMENTED;
+        pconn_error_set(err, rc, 0, "etcd %s: no such endpoint", url);
+    } else if (reply.status != 200) {
+        const char *msg = json_string_value(json_object_get(root, "message"));
+        rc = PCONN_EPROTO;
+        pconn_error_set(err, rc, 0, "etcd %s: HTTP status %ld: %s", url, reply.status,
+                        msg != NULL ? msg : "(no message)");
+    } else if (!json_is_object(root)) {
+        rc = PCONN_EPROTO;
+        pconn_error_set(err, rc, 0, "etcd %s: answer is not a JSON object", url);
+    }
+    free(reply.body);
+    if (rc == PCONN_OK)
+        *out = root;
+    else
+        json_decref(root);
+    return rc;
+}
+
+/* A new lease, and the key put under it. */
+static int register_instance(pconn_announcer_t *a, pconn_error_t *err)
+{
+    char body[512];
+    snprintf(body, sizeof body, "{\"TTL\":%d}", a->ttl_s);
+    json_t *root;
+    int rc = etcd_call(a, "/v3/lease/grant", body, &root, err);
+    if (rc != PCONN_OK)
+        return rc;
+    const char *id = json_string_value(json_object_get(root, "ID"));
+    if (id == NULL || strlen(id) >= sizeof a->lease) {
+        json_decref(root);
+        pconn_error_set(err, PCONN_EPROTO, 0, "etcd %s: lease grant without an ID", a->base);
+        return PCONN_EPROTO;
+    }
+    char lease[sizeof a->lease];
+    snprintf(lease, sizeof lease, "%s", id);
+    json_decref(root);
+
+    size_t n = strlen(a->key_b64) + strlen(a->value_b64) + 64;
+    char *put = malloc(n);
+    if (put == NULL) {
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "etcd %s: put", a->base);
+        return PCONN_ENOMEM;
+    }
+    snprintf(put, n, "{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%s\"}", a->key_b64, a->value_b64, lease);
+    rc = etcd_call(a, "/v3/kv/put", put, &root, err);
+    free(put);
+    json_decref(root);
+    if (rc == PCONN_OK)
+        snprintf(a->lease, sizeof a->lease, "%s", lease);
+    return rc;
+}
+
+/* PCONN_OK while the lease lives, PCONN_ECLOSED when it is gone, else unreachable. */
+static int keep_alive(pconn_announcer_t *a, pconn_error_t *err)
+{
+    char body[64];
+    snprintf(body, sizeof body, "{\"ID\":\"%s\"}", a->lease);
+    json_t *root;
+    int rc = etcd_call(a, "/v3/lease/keepalive", body, &root, err);
+    if (rc != PCONN_OK)
+        return rc;
+    /* The gateway streams: {"result":{... "TTL":"9"}}; no TTL means expired. */
+    json_t *result = json_object_get(root, "result");
+    const char *ttl = json_string_value(json_object_get(result, "TTL"));
+    rc = ttl != NULL && atoll(ttl) > 0 ? PCONN_OK : PCONN_ECLOSED;
+    json_decref(root);
+    return rc;
+}
+
+static void revoke(pconn_announcer_t *a)
+{
+    if (a->lease[0] == '\0')
+        return;
+    char body[64];
+    snprintf(body, sizeof body, "{\"ID\":\"%s\"}", a->lease);
+    json_t *root;
+    pconn_error_t err;
+    /* etcd 3.5 moved the route; 3.4 (Debian 12) has only the older one. */
+    if (etcd_call(a, "/v3/lease/revoke", body, &root, &err) == PCONN_EUNIMPLEMENTED)
+        etcd_call(a, "/v3/kv/lease/revoke", body, &root, &err);
+    json_decref(root);
+    a->lease[0] = '\0';
+}
+
+static void *announce_main(void *arg)
+{
+    pconn_announcer_t *a = arg;
+    int64_t interval_ms = a->ttl_s * 1000 / 3;
+    int64_t wait_ms = interval_ms;
+    pconn__mutex_lock(&a->mutex);
+    for (;;) {
+        int64_t deadline = pconn__deadline_ns(wait_ms);
+        while (!a->stop && pconn__cond_wait_until(&a->cond, &a->mutex, deadline) == 0)
+            ;
+        if (a->stop)
+            break;
+        pconn__mutex_unlock(&a->mutex);
+        pconn_error_t err;
+        int rc = a->lease[0] != '\0' ? keep_alive(a, &err) : PCONN_ECLOSED;
+        if (rc == PCONN_ECLOSED) /* expired while we could not reach etcd: a new lease */
+            rc = register_instance(a, &err);
+        wait_ms = rc == PCONN_OK ? interval_ms : (RETRY_MS < interval_ms ? RETRY_MS : interval_ms);
+        pconn__mutex_lock(&a->mutex);
+    }
+    pconn__mutex_unlock(&a->mutex);
+    return NULL;
+}
+
+static void destroy(pconn_announcer_t *a)
+{
+    pconn__http_cleanup(&a->http);
+    free(a->base);
+    free(a->key_b64);
+    free(a->value_b64);
+    pthread_cond_destroy(&a->cond);
+    pthread_mutex_destroy(&a->mutex);
+    free(a);
+}
+
+/* {"host":"...","port":N} for host:port, {"address":"..."} for anything else. */
+static char *instance_value(const pconn__addr_t *parsed, const char *address)
+{
+    json_t *v = parsed->is_unix ? json_pack("{s:s}", "address", address)
+                                : json_pack("{s:s,s:i}", "host", parsed->host, "port", atoi(parsed->port));
+    char *text = v != NULL ? json_dumps(v, JSON_COMPACT) : NULL;
+    json_decref(v);
+    char *b64 = text != NULL ? pconn__base64_encode(text, strlen(text)) : NULL;
+    free(text);
+    return b64;
+}
+
+int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t **out,
+                         pconn_error_t *err)
+{
+    pconn_error_t local;
+    if (err == NULL)
+        err = &local;
+    if (out != NULL)
+        *out = NULL;
+    pconn__addr_t parsed;
+    if (opts == NULL || out == NULL || !pconn__http_url_ok(opts->etcd_url) || opts->key == NULL ||
+        opts->key[0] == '\0' || opts->ttl_s < 0 || strlen(opts->etcd_url) > 400) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "pconn_announce_start: bad options");
+        return PCONN_EINVAL;
+    }
+    if (pconn__address_parse(opts->address, false, &parsed, err) != PCONN_OK)
+        return PCONN_EINVAL;
+
+    pconn_announcer_t *a = calloc(1, sizeof *a);
+    if (a == NULL || pthread_mutex_init(&a->mutex, NULL) != 0) {
+        free(a);
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_announce_start");
+        return PCONN_ENOMEM;
+    }
+    pconn__cond_init(&a->cond);
+    a->ttl_s = opts->ttl_s > 0 ? opts->ttl_s : DEFAULT_TTL_S;
+    size_t blen = strlen(opts->etcd_url);
+    while (blen > 0 && opts->etcd_url[blen - 1] == '/')
+        blen--;
+    a->base = strndup(opts->etcd_url, blen);
+    a->key_b64 = pconn__base64_encode(opts->key, strlen(opts->key));
+    a->value_b64 = instance_value(&parsed, opts->address);
+    if (a->base == NULL || a->key_b64 == NULL || a->value_b64 == NULL ||
+        pconn__http_init(&a->http, REQUEST_TIMEOUT_MS, MAX_ANSWER_BYTES, NULL, NULL) != PCONN_OK) {
+        destroy(a);
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_announce_start");
+        return PCONN_ENOMEM;
+    }
+    int rc = register_instance(a, err);
+    if (rc == PCONN_OK && pthread_create(&a->thread, NULL, announce_main, a) != 0) {
+        revoke(a);
+        rc = PCONN_ENOMEM;
+        pconn_error_set(err, rc, EAGAIN, "pconn_announce_start: thread");
+    }
+    if (rc != PCONN_OK) {
+        destroy(a);
+        return rc;
+    }
+    *out = a;
+    return PCONN_OK;
+}
+
+void pconn_announce_stop(pconn_announcer_t *a)
+{
+    if (a == NULL)
+        return;
+    pconn__mutex_lock(&a->mutex);
+    a->stop = true;
+    pthread_cond_broadcast(&a->cond);
+    pconn__mutex_unlock(&a->mutex);
+    pthread_join(a->thread, NULL);
+    revoke(a);
+    destroy(a);
+}

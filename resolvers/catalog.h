@@ -1,0 +1,59 @@
+/* catalog.h - what the HTTP catalog resolver, the announcer and the fuzz target share:
+ * parsing of catalog answers, base64, and one HTTP request over libcurl. */
+#ifndef PCONN_CATALOG_H
+#define PCONN_CATALOG_H
+
+#include "internal.h"
+#include "pconn_resolver.h"
+
+#include <curl/curl.h>
+
+/* Addresses of the instances a catalog listed. */
+typedef struct pconn__addr_list_t {
+    size_t n, cap;
+    char **items;
+} pconn__addr_list_t;
+
+PCONN_HIDDEN void pconn__addr_list_free(pconn__addr_list_t *l);
+
+/* Parses a catalog answer (body, len bytes, not NUL-terminated) of the given format into
+ * "host:port" addresses, skipping instances that are not valid. PCONN_OK with at least
+ * one address, or PCONN_ERESOLVE with why (one line) saying what is wrong. */
+PCONN_HIDDEN int pconn__catalog_parse(pconn_catalog_format_t format, const char *body, size_t len,
+                                      pconn__addr_list_t *out, char *why, size_t why_size);
+
+/* Standard base64 with padding. encode returns a malloc'd string (NULL: no memory);
+ * decode writes at most *len bytes to out, sets *len, returns false on bad input. */
+PCONN_HIDDEN char *pconn__base64_encode(const void *data, size_t len);
+PCONN_HIDDEN bool pconn__base64_decode(const char *in, size_t in_len, unsigned char *out, size_t *len);
+
+/* One HTTP client: an easy handle in its own multi handle, so that a request can be
+ * cancelled through the pconn's cancel fd and its connection kept alive between uses.
+ * Used by one thread at a time. */
+typedef struct pconn__http_t {
+    CURLM *multi;
+    CURL *easy;
+    struct curl_slist *headers;
+    char *ca_file;
+    int64_t timeout_ms;
+    size_t max_bytes;
+} pconn__http_t;
+
+typedef struct pconn__http_reply_t {
+    long status;
+    char *body; /* NUL-terminated, malloc'd */
+    size_t len;
+} pconn__http_reply_t;
+
+PCONN_HIDDEN int pconn__http_init(pconn__http_t *h, int64_t timeout_ms, size_t max_bytes,
+                                  const char *bearer_token, const char *ca_file);
+PCONN_HIDDEN void pconn__http_cleanup(pconn__http_t *h);
+/* GET (post_body NULL) or POST a JSON body. PCONN_OK with *reply filled (any status), or
+ * PCONN_ERESOLVE (refused, timed out, too big, ...) / PCONN_ECLOSED (cancelled) with err
+ * naming url. Free reply->body. */
+PCONN_HIDDEN int pconn__http_request(pconn__http_t *h, const char *url, const char *post_body,
+                                     pconn__http_reply_t *reply, pconn_error_t *err);
+/* True for http:// and https:// URLs. */
+PCONN_HIDDEN bool pconn__http_url_ok(const char *url);
+
+#endif

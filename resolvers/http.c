@@ -1,0 +1,192 @@
+/* http.c - one HTTP request at a time over libcurl, bounded in time and bytes, with TLS
+ * verified and cancellable by pconn_close() through the worker's cancel fd. */
+#include "catalog.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_rc;
+
+static void curl_init(void)
+{
+    curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+bool pconn__http_url_ok(const char *url)
+{
+    return url != NULL && (strncasecmp(url, "http://", 7) == 0 || strncasecmp(url, "https://", 8) == 0);
+}
+
+typedef struct sink_t {
+    char *data;
+    size_t len, cap, max;
+    bool too_big;
+} sink_t;
+
+static size_t on_data(char *ptr, size_t size, size_t nmemb, void *arg)
+{
+    sink_t *s = arg;
+    size_t n = size * nmemb;
+    if (n > s->max - s->len) { /* checked while arriving, not after */
+        s->too_big = true;
+        return 0;
+    }
+    if (s->len + n + 1 > s->cap) {
+        size_t cap = s->cap ? s->cap : 4096;
+        while (cap < s->len + n + 1)
+            cap *= 2;
+        char *data = realloc(s->data, cap);
+        if (data == NULL)
+            return 0;
+        s->data = data;
+        s->cap = cap;
+    }
+    memcpy(s->data + s->len, ptr, n);
+    s->len += n;
+    s->data[s->len] = '\0';
+    return n;
+}
+
+int pconn__http_init(pconn__http_t *h, int64_t timeout_ms, size_t max_bytes,
+                     const char *bearer_token, const char *ca_file)
+{
+    memset(h, 0, sizeof *h);
+    pthread_once(&curl_once, curl_init);
+    if (curl_init_rc != CURLE_OK)
+        return PCONN_ENOMEM;
+    h->timeout_ms = timeout_ms;
+    h->max_bytes = max_bytes;
+    h->multi = curl_multi_init();
+    h->easy = curl_easy_init();
+    if (h->multi == NULL || h->easy == NULL)
+        goto fail;
+    if (ca_file != NULL && (h->ca_file = strdup(ca_file)) == NULL)
+        goto fail;
+    h->headers = curl_slist_append(NULL, "Content-Type: application/json");
+    if (h->headers == NULL)
+        goto fail;
+    if (bearer_token != NULL) {
+        size_t len = strlen("Authorization: Bearer ") + strlen(bearer_token) + 1;
+        char *line = malloc(len);
+        if (line == NULL)
+            goto fail;
+        snprintf(line, len, "Authorization: Bearer %s", bearer_token);
+        struct curl_slist *l = curl_slist_append(h->headers, line);
+        free(line);
+        if (l == NULL)
+            goto fail;
+        h->headers = l;
+    }
+    return PCONN_OK;
+fail:
+    pconn__http_cleanup(h);
+    return PCONN_ENOMEM;
+}
+
+void pconn__http_cleanup(pconn__http_t *h)
+{
+    if (h->easy != NULL)
+        curl_easy_cleanup(h->easy);
+    if (h->multi != NULL)
+        curl_multi_cleanup(h->multi);
+    curl_slist_free_all(h->headers);
+    free(h->ca_file);
+    memset(h, 0, sizeof *h);
+}
+
+static void setup(pconn__http_t *h, const char *url, const char *post_body, sink_t *sink)
+{
+    CURL *e = h->easy;
+    curl_easy_reset(e); /* keeps the connection cache of the multi handle */
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)h->timeout_ms);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)h->timeout_ms);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    if (h->ca_file != NULL)
+        curl_easy_setopt(e, CURLOPT_CAINFO, h->ca_file);
+    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)h->max_bytes);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, h->headers);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, sink);
+    if (post_body != NULL) {
+        curl_easy_setopt(e, CURLOPT_POST, 1L);
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, post_body);
+    }
+}
+
+/* Runs the transfer; CURLE_OK or the failure; *cancelled when close cut it short. */
+static CURLcode perform(pconn__http_t *h, bool *cancelled)
+{
+    int cancel_fd = pconn__cancel_fd();
+    curl_multi_add_handle(h->multi, h->easy);
+    CURLcode result = CURLE_OK;
+    for (;;) {
+        int running = 0;
+        CURLMcode mc = curl_multi_perform(h->multi, &running);
+        if (mc != CURLM_OK) {
+            result = CURLE_OUT_OF_MEMORY;
+            break;
+        }
+        if (running == 0) {
+            int left;
+            CURLMsg *msg = curl_multi_info_read(h->multi, &left);
+            result = msg != NULL && msg->msg == CURLMSG_DONE ? msg->data.result : CURLE_RECV_ERROR;
+            break;
+        }
+        struct curl_waitfd extra = {.fd = cancel_fd, .events = CURL_WAIT_POLLIN};
+        curl_multi_poll(h->multi, cancel_fd >= 0 ? &extra : NULL, cancel_fd >= 0 ? 1 : 0, 1000, NULL);
+        if (cancel_fd >= 0 && extra.revents != 0) {
+            if (pconn__cancelled()) {
+                *cancelled = true;
+                break;
+            }
+            pconn__wake_drain(cancel_fd); /* a kick: nothing to do here */
+        }
+    }
+    curl_multi_remove_handle(h->multi, h->easy);
+    return result;
+}
+
+int pconn__http_request(pconn__http_t *h, const char *url, const char *post_body,
+                        pconn__http_reply_t *reply, pconn_error_t *err)
+{
+    memset(reply, 0, sizeof *reply);
+    sink_t sink = {.max = h->max_bytes};
+    setup(h, url, post_body, &sink);
+    bool cancelled = false;
+    CURLcode rc = perform(h, &cancelled);
+    if (cancelled) {
+        free(sink.data);
+        pconn_error_set(err, PCONN_ECLOSED, 0, "catalog %s: interrupted by close", url);
+        return PCONN_ECLOSED;
+    }
+    if (sink.too_big || rc == CURLE_FILESIZE_EXCEEDED) {
+        free(sink.data);
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: answer larger than %zu bytes", url,
+                        h->max_bytes);
+        return PCONN_ERESOLVE;
+    }
+    if (rc != CURLE_OK) {
+        free(sink.data);
+        long os_errno = 0;
+        curl_easy_getinfo(h->easy, CURLINFO_OS_ERRNO, &os_errno);
+        pconn_error_set(err, PCONN_ERESOLVE, (int)os_errno, "catalog %s: %s", url,
+                        curl_easy_strerror(rc));
+        return PCONN_ERESOLVE;
+    }
+    curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &reply->status);
+    if (sink.data == NULL && (sink.data = calloc(1, 1)) == NULL) {
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "catalog %s", url);
+        return PCONN_ENOMEM;
+    }
+    reply->body = sink.data;
+    reply->len = sink.len;
+    return PCONN_OK;
+}

@@ -1,0 +1,189 @@
+/* http_catalog.c - the HTTP service catalog resolver: asks a catalog (a JSON document,
+ * etcd's v3 gateway, Consul's health API) before every attempt and picks an instance. */
+#include "catalog.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#define DEFAULT_TIMEOUT_MS 2000
+#define DEFAULT_MAX_BYTES (1024 * 1024)
+
+typedef struct catalog_t {
+    pconn__http_t http;
+    pconn_catalog_format_t format;
+    pconn_pick_t pick;
+    char *url;       /* what is requested */
+    char *post_body; /* etcd: the range request; else NULL */
+    unsigned next;   /* round robin */
+    uint64_t rng;    /* random pick */
+} catalog_t;
+
+static void catalog_free(void *arg)
+{
+    catalog_t *c = arg;
+    pconn__http_cleanup(&c->http);
+    free(c->url);
+    free(c->post_body);
+    free(c);
+}
+
+static size_t pick_index(catalog_t *c, size_t n)
+{
+    switch (c->pick) {
+    case PCONN_PICK_FIRST:
+        return 0;
+    case PCONN_PICK_RANDOM:
+        c->rng = c->rng * 6364136223846793005ull + 1442695040888963407ull;
+        return (size_t)((c->rng >> 33) % n);
+    case PCONN_PICK_ROUND_ROBIN:
+    default:
+        return c->next++ % n;
+    }
+}
+
+static int catalog_resolve(void *arg, char *address, size_t size, pconn_error_t *err)
+{
+    catalog_t *c = arg;
+    pconn__http_reply_t reply;
+    int rc = pconn__http_request(&c->http, c->url, c->post_body, &reply, err);
+    if (rc != PCONN_OK)
+        return rc;
+    if (reply.status != 200) {
+        /* The start of the body says why, for the humans reading the event. */
+        char excerpt[80];
+        size_t k = 0;
+        for (size_t i = 0; i < reply.len && k + 1 < sizeof excerpt; i++)
+            excerpt[k++] = reply.body[i] >= ' ' && reply.body[i] < 127 ? reply.body[i] : ' ';
+        excerpt[k] = '\0';
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: HTTP status %ld%s%s", c->url,
+                        reply.status, k ? ": " : "", excerpt);
+        free(reply.body);
+        return PCONN_ERESOLVE;
+    }
+    pconn__addr_list_t list;
+    char why[200];
+    rc = pconn__catalog_parse(c->format, reply.body, reply.len, &list, why, sizeof why);
+    free(reply.body);
+    if (rc != PCONN_OK) {
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: %s", c->url, why);
+        return PCONN_ERESOLVE;
+    }
+    const char *chosen = list.items[pick_index(c, list.n)];
+    if (!pconn__strcpy(address, size, chosen)) {
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: address too long", c->url);
+        rc = PCONN_ERESOLVE;
+    }
+    pconn__addr_list_free(&list);
+    return rc;
+}
+
+/* The etcd range request for every key under prefix: [prefix, prefix+1). */
+static char *etcd_range_body(const char *prefix)
+{
+    size_t len = strlen(prefix);
+    unsigned char *end = malloc(len + 1);
+    if (end == NULL)
+        return NULL;
+    memcpy(end, prefix, len);
+    size_t end_len = len;
+    /* The smallest key greater than every key with this prefix. */
+    while (end_len > 0 && end[end_len - 1] == 0xff)
+        end_len--;
+    char *key = pconn__base64_encode(prefix, len);
+    char *range_end;
+    if (end_len == 0) {
+        range_end = pconn__base64_encode("", 1); /* "\0": every key */
+    } else {
+        end[end_len - 1]++;
+        range_end = pconn__base64_encode(end, end_len);
+    }
+    free(end);
+    char *body = NULL;
+    if (key != NULL && range_end != NULL) {
+        size_t n = strlen(key) + strlen(range_end) + 32;
+        body = malloc(n);
+        if (body != NULL)
+            snprintf(body, n, "{\"key\":\"%s\",\"range_end\":\"%s\"}", key, range_end);
+    }
+    free(key);
+    free(range_end);
+    return body;
+}
+
+static char *join_url(const char *base, const char *path, const char *tail)
+{
+    size_t blen = strlen(base);
+    while (blen > 0 && base[blen - 1] == '/')
+        blen--;
+    size_t n = blen + strlen(path) + strlen(tail) + 1;
+    char *url = malloc(n);
+    if (url != NULL)
+        snprintf(url, n, "%.*s%s%s", (int)blen, base, path, tail);
+    return url;
+}
+
+/* Consul service names are letters, digits and dashes: nothing to escape in a URL. */
+static bool consul_name_ok(const char *name)
+{
+    if (name == NULL || name[0] == '\0' || strlen(name) > 200)
+        return false;
+    for (const char *p = name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              *p == '-' || *p == '_' || *p == '.'))
+            return false;
+    return true;
+}
+
+pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts)
+{
+    if (opts == NULL || !pconn__http_url_ok(opts->url) || opts->pick > PCONN_PICK_FIRST ||
+        opts->format > PCONN_CATALOG_CONSUL || opts->timeout_ms < 0 ||
+        (opts->format == PCONN_CATALOG_ETCD && (opts->key == NULL || opts->key[0] == '\0')) ||
+        (opts->format == PCONN_CATALOG_CONSUL && !consul_name_ok(opts->key))) {
+        errno = EINVAL;
+        return NULL;
+    }
+    catalog_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->format = opts->format;
+    c->pick = opts->pick;
+    if (getrandom(&c->rng, sizeof c->rng, 0) != sizeof c->rng)
+        c->rng = (uint64_t)(uintptr_t)c;
+    int64_t timeout = opts->timeout_ms > 0 ? opts->timeout_ms : DEFAULT_TIMEOUT_MS;
+    size_t max = opts->max_response_bytes > 0 ? opts->max_response_bytes : DEFAULT_MAX_BYTES;
+    if (pconn__http_init(&c->http, timeout, max, opts->bearer_token, opts->ca_file) != PCONN_OK) {
+        free(c);
+        errno = ENOMEM;
+        return NULL;
+    }
+    switch (opts->format) {
+    case PCONN_CATALOG_JSON:
+        c->url = strdup(opts->url);
+        break;
+    case PCONN_CATALOG_ETCD:
+        c->url = join_url(opts->url, "/v3/kv/range", "");
+        c->post_body = etcd_range_body(opts->key);
+        if (c->post_body == NULL)
+            goto nomem;
+        break;
+    case PCONN_CATALOG_CONSUL: {
+        char tail[256];
+        snprintf(tail, sizeof tail, "%s?passing", opts->key); /* the name is at most 200 */
+        c->url = join_url(opts->url, "/v1/health/service/", tail);
+        break;
+    }
+    }
+    if (c->url == NULL)
+        goto nomem;
+    pconn_resolver_t *r = pconn_resolver_new(catalog_resolve, c, catalog_free);
+    if (r != NULL)
+        return r;
+nomem:
+    catalog_free(c);
+    errno = ENOMEM;
+    return NULL;
+}

@@ -1,0 +1,182 @@
+/* pconn.c - the `pconn` command-line tool.
+ *
+ *   pconn serve LISTEN [--name NAME] [--announce ETCD_URL KEY [--ttl S]]
+ *       A line echo server ("NAME: line"), optionally published in etcd while it runs.
+ *       Prints "listening on ADDRESS" once it accepts connections.
+ *   pconn watch [--every MS] ADDRESS...
+ *   pconn watch [--every MS] --file PATH | --dns HOST PORT
+ *   pconn watch [--every MS] --catalog URL --format json|etcd|consul [--key KEY]
+ *       Keeps a persistent TCP connection and prints its events until interrupted.
+ */
+#include "pconn.h"
+#include "pconn_resolver.h"
+#include "pconn_tcp.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: pconn serve LISTEN [--name NAME] [--announce ETCD_URL KEY [--ttl S]]\n"
+                    "       pconn watch [--every MS] ADDRESS... | --file PATH | --dns HOST PORT |\n"
+                    "                   --catalog URL --format json|etcd|consul [--key KEY]\n");
+    return 2;
+}
+
+/* ---- serve ----------------------------------------------------------------------- */
+
+static int serve(int argc, char **argv)
+{
+    if (argc < 1)
+        return usage();
+    const char *listen_at = argv[0], *name = "pconn", *etcd = NULL, *key = NULL;
+    int ttl = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--name") == 0 && i + 1 < argc)
+            name = argv[++i];
+        else if (strcmp(argv[i], "--announce") == 0 && i + 2 < argc) {
+            etcd = argv[++i];
+            key = argv[++i];
+        } else if (strcmp(argv[i], "--ttl") == 0 && i + 1 < argc)
+            ttl = atoi(argv[++i]);
+        else
+            return usage();
+    }
+    pconn_error_t err;
+    int lfd = pconn_tcp_listen(listen_at, 0, &err);
+    if (lfd < 0) {
+        fprintf(stderr, "pconn serve: %s\n", err.message);
+        return 1;
+    }
+    char address[PCONN_ADDRESS_MAX];
+    pconn_tcp_local_address(lfd, address, sizeof address);
+    /* SIGTERM and SIGINT end the server cleanly (the lease is revoked). Blocked before
+     * the announcer's thread starts, so that no thread takes them with the default. */
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    sigprocmask(SIG_BLOCK, &stop, NULL);
+    pconn_announcer_t *announcer = NULL;
+    if (etcd != NULL) {
+        pconn_announce_options_t ao = {.etcd_url = etcd, .key = key, .address = address, .ttl_s = ttl};
+        if (pconn_announce_start(&ao, &announcer, &err) != PCONN_OK) {
+            fprintf(stderr, "pconn serve: %s\n", err.message);
+            return 1;
+        }
+    }
+    int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
+    printf("listening on %s\n", address);
+    fflush(stdout);
+
+    struct pollfd pfd[256] = {{.fd = lfd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+    nfds_t n = 2;
+    while (!(pfd[1].revents & POLLIN)) {
+        if (poll(pfd, n, -1) < 0)
+            continue;
+        for (nfds_t i = n; i-- > 2;) {
+            if (!pfd[i].revents)
+                continue;
+            char buf[4096], reply[4200];
+            ssize_t got = recv(pfd[i].fd, buf, sizeof buf - 1, 0);
+            if (got <= 0) {
+                close(pfd[i].fd);
+                pfd[i] = pfd[--n];
+                continue;
+            }
+            buf[got] = '\0';
+            buf[strcspn(buf, "\n")] = '\0';
+            int len = snprintf(reply, sizeof reply, "%s: %s\n", name, buf);
+            (void)!send(pfd[i].fd, reply, (size_t)len, MSG_NOSIGNAL);
+        }
+        if ((pfd[0].revents & POLLIN) && n < 256) {
+            int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+            if (fd >= 0)
+                pfd[n++] = (struct pollfd){.fd = fd, .events = POLLIN};
+        }
+    }
+    pconn_announce_stop(announcer);
+    for (nfds_t i = 2; i < n; i++)
+        close(pfd[i].fd);
+    close(lfd);
+    return 0;
+}
+
+/* ---- watch ----------------------------------------------------------------------- */
+
+static int64_t every_ms = 1000;
+
+static int64_t fixed_delay(void *arg, unsigned failures)
+{
+    (void)arg, (void)failures;
+    return every_ms;
+}
+
+static int watch(int argc, char **argv)
+{
+    pconn_resolver_t *r = NULL;
+    pconn_http_catalog_options_t cat = {0};
+    int i = 0;
+    if (i + 1 < argc && strcmp(argv[i], "--every") == 0) {
+        every_ms = atoll(argv[i + 1]);
+        i += 2;
+    }
+    if (i >= argc)
+        return usage();
+    if (strcmp(argv[i], "--file") == 0 && i + 1 < argc) {
+        r = pconn_resolver_file(argv[i + 1]);
+    } else if (strcmp(argv[i], "--dns") == 0 && i + 2 < argc) {
+        r = pconn_resolver_dns(argv[i + 1], (uint16_t)atoi(argv[i + 2]));
+    } else if (strcmp(argv[i], "--catalog") == 0 && i + 1 < argc) {
+        cat.url = argv[i + 1];
+        for (int k = i + 2; k + 1 < argc; k += 2) {
+            if (strcmp(argv[k], "--key") == 0)
+                cat.key = argv[k + 1];
+            else if (strcmp(argv[k], "--format") == 0)
+                cat.format = strcmp(argv[k + 1], "etcd") == 0     ? PCONN_CATALOG_ETCD
+                             : strcmp(argv[k + 1], "consul") == 0 ? PCONN_CATALOG_CONSUL
+                                                                  : PCONN_CATALOG_JSON;
+        }
+        r = pconn_resolver_http_catalog(&cat);
+    } else {
+        r = pconn_resolver_static((const char *const *)argv + i, (size_t)(argc - i));
+    }
+    if (r == NULL) {
+        fprintf(stderr, "pconn watch: bad resolver arguments\n");
+        return 2;
+    }
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    sigprocmask(SIG_BLOCK, &stop, NULL);
+    pconn_options_t o = {.server_name = "watch", .resolver = r, .on_event = pconn_log_stderr,
+                         .retry_delay = fixed_delay};
+    pconn_t *pc = NULL;
+    if (pconn_tcp_create(&o, NULL, &pc) != PCONN_OK)
+        return 1;
+    int sig;
+    sigwait(&stop, &sig);
+    pconn_free(pc);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    if (argc >= 2 && strcmp(argv[1], "serve") == 0)
+        return serve(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "watch") == 0)
+        return watch(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "--version") == 0) {
+        printf("pconn %s\n", pconn_version());
+        return 0;
+    }
+    return usage();
+}

@@ -1,0 +1,40 @@
+/* common_http.h - a tiny HTTP/1.1 server for catalog tests: it answers with what the
+ * test sets, slowly, never, or without end. One connection at a time, on its own thread. */
+#ifndef PCONN_TEST_HTTP_H
+#define PCONN_TEST_HTTP_H
+
+#include <pthread.h>
+#include <stdbool.h>
+
+typedef enum {
+    HTTP_FIXED,    /* status and body as set, keep-alive */
+    HTTP_SLOW,     /* headers, then one byte of body every 200 ms */
+    HTTP_SILENT,   /* reads the request, never answers */
+    HTTP_ENDLESS,  /* 200, no Content-Length, body bytes until the client goes */
+    HTTP_BIG_LEN   /* 200 with Content-Length: 100 MiB, then body bytes */
+} http_mode_t;
+
+typedef struct thttp_t {
+    int lfd, wake_fd;
+    pthread_t thread;
+    pthread_mutex_t mutex;
+    pthread_cond_t cond; /* a request arrived */
+    http_mode_t mode;
+    int status;
+    char *body;
+    char last_request[8192];
+    int requests, connections;
+    bool stop;
+    char url[80]; /* http://127.0.0.1:PORT */
+} thttp_t;
+
+int thttp_start(thttp_t *h, http_mode_t mode, int status, const char *body);
+void thttp_set(thttp_t *h, http_mode_t mode, int status, const char *body);
+/* Copies the last request's head and body into buf. */
+void thttp_last_request(thttp_t *h, char *buf, size_t size);
+int thttp_connections(thttp_t *h);
+/* Waits until n requests have arrived in all; the count then. */
+int thttp_wait_requests(thttp_t *h, int n, int timeout_ms);
+void thttp_stop(thttp_t *h);
+
+#endif
