@@ -97,8 +97,11 @@ check: deps
 	@if [ -z "$(SANITIZE)" ]; then test/install-test.sh; fi
 
 demo: deps
-	@$(MAKE) --no-print-directory $(B)/samples/demo
+	@$(MAKE) --no-print-directory $(B)/samples/demo $(B)/samples/pconn
+	@echo "== 1. failover between two local servers (static list)"
 	$(B)/samples/demo
+	@echo; echo "== 2. following a service catalog (a local etcd)"
+	samples/demo-catalog.sh $(B)
 
 bench-build: $(BENCH_BINS)
 bench: deps

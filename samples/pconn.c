@@ -6,7 +6,10 @@
  *   pconn watch [--every MS] ADDRESS...
  *   pconn watch [--every MS] --file PATH | --dns HOST PORT
  *   pconn watch [--every MS] --catalog URL --format json|etcd|consul [--key KEY]
+ *                                                           [--pick first|random|rr]
  *       Keeps a persistent TCP connection and prints its events until interrupted.
+ *   pconn port
+ *       Prints a loopback TCP port that was free a moment ago (for scripts).
  */
 #include "pconn.h"
 #include "pconn_resolver.h"
@@ -25,7 +28,8 @@ static int usage(void)
 {
     fprintf(stderr, "usage: pconn serve LISTEN [--name NAME] [--announce ETCD_URL KEY [--ttl S]]\n"
                     "       pconn watch [--every MS] ADDRESS... | --file PATH | --dns HOST PORT |\n"
-                    "                   --catalog URL --format json|etcd|consul [--key KEY]\n");
+                    "                   --catalog URL --format json|etcd|consul [--key KEY] [--pick first|random|rr]\n"
+                    "       pconn port\n");
     return 2;
 }
 
@@ -138,6 +142,10 @@ static int watch(int argc, char **argv)
         for (int k = i + 2; k + 1 < argc; k += 2) {
             if (strcmp(argv[k], "--key") == 0)
                 cat.key = argv[k + 1];
+            else if (strcmp(argv[k], "--pick") == 0)
+                cat.pick = strcmp(argv[k + 1], "first") == 0    ? PCONN_PICK_FIRST
+                           : strcmp(argv[k + 1], "random") == 0 ? PCONN_PICK_RANDOM
+                                                                : PCONN_PICK_ROUND_ROBIN;
             else if (strcmp(argv[k], "--format") == 0)
                 cat.format = strcmp(argv[k + 1], "etcd") == 0     ? PCONN_CATALOG_ETCD
                              : strcmp(argv[k + 1], "consul") == 0 ? PCONN_CATALOG_CONSUL
@@ -174,6 +182,16 @@ int main(int argc, char **argv)
         return serve(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "watch") == 0)
         return watch(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "port") == 0) {
+        pconn_error_t err;
+        char address[64];
+        int fd = pconn_tcp_listen("127.0.0.1:0", 1, &err);
+        if (fd < 0 || pconn_tcp_local_address(fd, address, sizeof address) != PCONN_OK)
+            return 1;
+        close(fd);
+        printf("%s\n", strrchr(address, ':') + 1);
+        return 0;
+    }
     if (argc >= 2 && strcmp(argv[1], "--version") == 0) {
         printf("pconn %s\n", pconn_version());
         return 0;
