@@ -8,11 +8,15 @@
  *   pconn watch [--every MS] --catalog URL --format json|etcd|consul [--key KEY]
  *                                                           [--pick first|random|rr]
  *       Keeps a persistent TCP connection and prints its events until interrupted.
+ *   pconn rpc-serve LISTEN [--name NAME]
+ *       An RPC server with "echo" (1: the request back), "name" (1: NAME) and "sleep"
+ *       (1: waits the request's decimal milliseconds, then echoes it).
  *   pconn port
  *       Prints a loopback TCP port that was free a moment ago (for scripts).
  */
 #include "pconn.h"
 #include "pconn_resolver.h"
+#include "pconn_rpc.h"
 #include "pconn_tcp.h"
 
 #include <poll.h>
@@ -29,6 +33,7 @@ static int usage(void)
     fprintf(stderr, "usage: pconn serve LISTEN [--name NAME] [--announce ETCD_URL KEY [--ttl S]]\n"
                     "       pconn watch [--every MS] ADDRESS... | --file PATH | --dns HOST PORT |\n"
                     "                   --catalog URL --format json|etcd|consul [--key KEY] [--pick first|random|rr]\n"
+                    "       pconn rpc-serve LISTEN [--name NAME]\n"
                     "       pconn port\n");
     return 2;
 }
@@ -112,6 +117,59 @@ static int serve(int argc, char **argv)
     return 0;
 }
 
+/* ---- rpc-serve ------------------------------------------------------------------ */
+
+static int rpc_echo(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    return pconn_buf_append(resp, req, len);
+}
+
+static int rpc_name(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)req, (void)len, (void)err;
+    return pconn_buf_append(resp, arg, strlen(arg));
+}
+
+static int rpc_sleep(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    char ms[32] = "";
+    memcpy(ms, req, len < sizeof ms - 1 ? len : sizeof ms - 1);
+    poll(NULL, 0, atoi(ms));
+    return pconn_buf_append(resp, req, len);
+}
+
+static int rpc_serve(int argc, char **argv)
+{
+    if (argc < 1)
+        return usage();
+    const char *name = argc >= 3 && strcmp(argv[1], "--name") == 0 ? argv[2] : "pconn";
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    sigprocmask(SIG_BLOCK, &stop, NULL);
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    pconn_rpc_impls_add(impls, "echo", 1, rpc_echo, NULL);
+    pconn_rpc_impls_add(impls, "name", 1, rpc_name, (void *)name);
+    pconn_rpc_impls_add(impls, "sleep", 1, rpc_sleep, NULL);
+    pconn_rpc_server_options_t so = {.listen_address = argv[0], .implementations = impls};
+    pconn_rpc_server_t *srv = NULL;
+    pconn_error_t err;
+    if (pconn_rpc_server_start(&so, &srv, &err) != PCONN_OK) {
+        fprintf(stderr, "pconn rpc-serve: %s\n", err.message);
+        return 1;
+    }
+    printf("listening on %s\n", pconn_rpc_server_address(srv));
+    fflush(stdout);
+    int sig;
+    sigwait(&stop, &sig);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    return 0;
+}
+
 /* ---- watch ----------------------------------------------------------------------- */
 
 static int64_t every_ms = 1000;
@@ -180,6 +238,8 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     if (argc >= 2 && strcmp(argv[1], "serve") == 0)
         return serve(argc - 2, argv + 2);
+    if (argc >= 2 && strcmp(argv[1], "rpc-serve") == 0)
+        return rpc_serve(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "watch") == 0)
         return watch(argc - 2, argv + 2);
     if (argc >= 2 && strcmp(argv[1], "port") == 0) {

@@ -1,7 +1,6 @@
 /* tcp.c - TCP and Unix stream connections: a cancellable non-blocking connect over every
  * address of a name, socket options, and the listening side servers and tests use. */
-#include "internal.h"
-#include "pconn_tcp.h"
+#include "rpc.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -197,8 +196,7 @@ static int make_conn(int fd, pconn_conn_t **conn, const char *address, pconn_err
 }
 
 static int connect_unix(const pconn__addr_t *a, const pconn_tcp_options_t *o, int64_t deadline,
-                        int64_t timeout_ms, const char *address, pconn_conn_t **conn,
-                        pconn_error_t *err)
+                        int64_t timeout_ms, const char *address, pconn_error_t *err)
 {
     struct sockaddr_un sun = {.sun_family = AF_UNIX};
     size_t len = strlen(a->path);
@@ -206,10 +204,44 @@ static int connect_unix(const pconn__addr_t *a, const pconn_tcp_options_t *o, in
     if (a->path[0] == '@')
         sun.sun_path[0] = '\0'; /* the abstract namespace */
     socklen_t salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + (a->path[0] != '@'));
-    int fd = connect_one((struct sockaddr *)&sun, salen, AF_UNIX, o, deadline, timeout_ms, address, err);
-    if (fd < 0)
-        return err->code;
-    return make_conn(fd, conn, address, err);
+    return connect_one((struct sockaddr *)&sun, salen, AF_UNIX, o, deadline, timeout_ms, address, err);
+}
+
+int pconn__tcp_connect_fd(const pconn_tcp_options_t *o, const char *address, pconn_error_t *err)
+{
+    pconn__addr_t a;
+    if (pconn__address_parse(address, false, &a, err) != PCONN_OK)
+        return -1;
+    int64_t timeout_ms = o->connect_timeout_ms > 0 ? o->connect_timeout_ms : DEFAULT_CONNECT_TIMEOUT_MS;
+    int64_t deadline = pconn__deadline_ns(timeout_ms);
+    if (a.is_unix)
+        return connect_unix(&a, o, deadline, timeout_ms, address, err);
+
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *list = NULL;
+    int gai = getaddrinfo(a.host, a.port, &hints, &list);
+    if (gai != 0) {
+        pconn_error_set(err, PCONN_ERESOLVE, gai == EAI_SYSTEM ? errno : 0, "connect %s: resolve %s: %s",
+                        address, a.host, gai_strerror(gai));
+        return -1;
+    }
+    int tried = 0, fd = -1;
+    for (struct addrinfo *ai = list; ai != NULL && fd < 0; ai = ai->ai_next) {
+        tried++;
+        fd = connect_one(ai->ai_addr, ai->ai_addrlen, ai->ai_family, o, deadline, timeout_ms,
+                         address, err);
+        if (fd < 0 && (err->code == PCONN_ECLOSED || err->code == PCONN_ETIMEDOUT ||
+                       err->code == PCONN_EINVAL))
+            break; /* no time left, or no point trying the others */
+    }
+    freeaddrinfo(list);
+    if (fd < 0 && tried > 1) {
+        size_t n = strlen(err->message);
+        snprintf(err->message + n, sizeof err->message - n, " (%d addresses tried)", tried);
+    }
+    return fd;
 }
 
 int pconn_tcp_connect(void *tcp_options, const char *address, pconn_conn_t **conn,
@@ -225,41 +257,9 @@ int pconn_tcp_connect(void *tcp_options, const char *address, pconn_conn_t **con
         return PCONN_EINVAL;
     }
     *conn = NULL;
-    pconn__addr_t a;
-    if (pconn__address_parse(address, false, &a, err) != PCONN_OK)
-        return PCONN_EINVAL;
-    int64_t timeout_ms = o->connect_timeout_ms > 0 ? o->connect_timeout_ms : DEFAULT_CONNECT_TIMEOUT_MS;
-    int64_t deadline = pconn__deadline_ns(timeout_ms);
-    if (a.is_unix)
-        return connect_unix(&a, o, deadline, timeout_ms, address, conn, err);
-
-    struct addrinfo hints = {.ai_family = AF_UNSPEC,
-                             .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_NUMERICSERV};
-    struct addrinfo *list = NULL;
-    int gai = getaddrinfo(a.host, a.port, &hints, &list);
-    if (gai != 0) {
-        pconn_error_set(err, PCONN_ERESOLVE, gai == EAI_SYSTEM ? errno : 0, "connect %s: resolve %s: %s",
-                        address, a.host, gai_strerror(gai));
-        return PCONN_ERESOLVE;
-    }
-    int tried = 0, fd = -1;
-    for (struct addrinfo *ai = list; ai != NULL && fd < 0; ai = ai->ai_next) {
-        tried++;
-        fd = connect_one(ai->ai_addr, ai->ai_addrlen, ai->ai_family, o, deadline, timeout_ms,
-                         address, err);
-        if (fd < 0 && (err->code == PCONN_ECLOSED || err->code == PCONN_ETIMEDOUT ||
-                       err->code == PCONN_EINVAL))
-            break; /* no time left, or no point trying the others */
-    }
-    freeaddrinfo(list);
-    if (fd < 0) {
-        if (tried > 1) {
-            size_t n = strlen(err->message);
-            snprintf(err->message + n, sizeof err->message - n, " (%d addresses tried)", tried);
-        }
+    int fd = pconn__tcp_connect_fd(o, address, err);
+    if (fd < 0)
         return err->code;
-    }
     return make_conn(fd, conn, address, err);
 }
 

@@ -1,0 +1,156 @@
+/* pconn_rpc.h - RPC connections over one TCP (or Unix) connection, the persistent
+ * connection of them, and the server side.
+ *
+ * The wire format is docs/protocol.md: length-prefixed frames, a handshake with a magic
+ * number and a version list, heartbeats, queries, responses. Calls are blocking,
+ * multiplexed by id over the one connection, safe from many threads at once, each with
+ * its own timeout. Either side may serve calls: a client given `implementations` answers
+ * the server's calls over the same connection.
+ *
+ * Errors of a call: PCONN_ETIMEDOUT (its timeout passed; a late answer is dropped),
+ * PCONN_EUNIMPLEMENTED (no such name and version over there), PCONN_EREMOTE (the
+ * handler failed; err carries its message), PCONN_ETOOBIG (a message over the limit),
+ * PCONN_ECLOSED (the connection was closed here) or PCONN_EIO (it broke: the peer went
+ * away, stopped answering heartbeats, or broke the protocol). A call in flight when its
+ * connection dies returns at once; none is ever dropped silently.
+ */
+#ifndef PCONN_RPC_H
+#define PCONN_RPC_H
+
+#include "pconn.h"
+
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A growable byte buffer filled by the library (responses) or by a handler. */
+typedef struct pconn_buf_t {
+    void *data;
+    size_t len;
+    size_t cap;
+} pconn_buf_t;
+
+/* Frees data and zeroes the buffer. NULL is ignored. */
+void pconn_buf_free(pconn_buf_t *buf);
+
+/* Appends len bytes (growing as needed). PCONN_OK or PCONN_ENOMEM. For handlers. */
+int pconn_buf_append(pconn_buf_t *buf, const void *data, size_t len);
+
+/* ---- Implementations -------------------------------------------------------------- */
+
+typedef struct pconn_rpc_impls_t pconn_rpc_impls_t;
+
+/* Fill *resp (it starts empty; use pconn_buf_append or set data/len/cap to a malloc'd
+ * block the library then frees) and return PCONN_OK, or return an error code with err
+ * set: the caller then gets PCONN_EREMOTE and err's message. Runs on a thread of the
+ * library's handler pool, so a slow handler does not hold up the others; req is valid
+ * until it returns. */
+typedef int (*pconn_rpc_handler_fn)(void *arg, const void *req, size_t req_len,
+                                    pconn_buf_t *resp, pconn_error_t *err);
+
+/* An empty set of implementations. NULL with errno ENOMEM. */
+pconn_rpc_impls_t *pconn_rpc_impls_new(void);
+
+/* Adds the handler for (name, version). name is copied, 1-255 bytes. PCONN_OK, or
+ * PCONN_EINVAL (bad name, NULL fn, the pair already there) or PCONN_ENOMEM. Add every
+ * implementation before handing the set to a server or pconn: it is read, unlocked, by
+ * their threads afterwards. */
+int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
+                        pconn_rpc_handler_fn fn, void *arg);
+
+/* Frees the set. NULL is ignored. Only after every server and pconn using it is gone. */
+void pconn_rpc_impls_free(pconn_rpc_impls_t *impls);
+
+/* Inside a handler: the connection the query came over (borrowed for the handler's
+ * duration; take a reference to keep it), so the handler may call the peer back with
+ * pconn_rpc_call(). NULL outside handlers. */
+pconn_conn_t *pconn_rpc_handler_conn(void);
+
+/* ---- Transport -------------------------------------------------------------------- */
+
+/* What carries the frames over a connected socket: plain TCP by default, or e.g. TLS. */
+typedef struct pconn_transport_t {
+    /* Starts a session on the connected fd (e.g. the TLS handshake) within timeout_ms.
+     * Returns the session, or NULL with err set. Must not close fd. */
+    void *(*open)(void *arg, int fd, const char *address, int64_t timeout_ms,
+                  pconn_error_t *err);
+    /* As recv(2)/send(2) on a blocking fd: bytes moved, 0 at end of stream (read), or
+     * -1 with errno. Never raise SIGPIPE. read is only called once the fd is readable
+     * or pending() is non-zero. */
+    ssize_t (*read)(void *session, void *buf, size_t len);
+    ssize_t (*write)(void *session, const void *buf, size_t len);
+    /* Optional: bytes already decoded and buffered inside the session. */
+    size_t (*pending)(void *session);
+    /* Frees the session (not the fd). */
+    void (*close)(void *session);
+    void *arg;
+} pconn_transport_t;
+
+/* ---- Client ----------------------------------------------------------------------- */
+
+typedef struct pconn_heartbeat_t {
+    int64_t timeout_ms;    /* close when nothing arrived for this long; 0: 30 s */
+    int64_t send_every_ms; /* 0: 10 s */
+} pconn_heartbeat_t;
+
+typedef struct pconn_rpc_options_t {
+    pconn_options_t base;                 /* all but connect/connect_arg, which rpc sets */
+    const char *bind_address;             /* NULL: any; else a local IP, port 0 */
+    pconn_rpc_impls_t *implementations;   /* NULL: none; borrowed, must outlive the pconn */
+    size_t max_message_size;              /* 0: 100 MiB */
+    int64_t handshake_timeout_ms;         /* TCP connect and handshake together; 0: 30 s */
+    pconn_heartbeat_t heartbeat;          /* zeros: 30 s timeout, sent every 10 s */
+    const struct pconn_transport_t *transport; /* NULL: plain TCP; must outlive the pconn */
+} pconn_rpc_options_t;
+
+/* The persistent connection of RPC connections: pconn_create() whose connect makes an
+ * RPC connection (TCP connect, transport, handshake) to the resolver's address. Results
+ * and ownership as pconn_create(). */
+int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
+
+/* Calls (name, version) with req on conn, an RPC connection (from pconn_connected() of
+ * an RPC pconn, or pconn_rpc_handler_conn()), and waits up to timeout_ms for the answer.
+ * On PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
+ * be NULL) says why. Any thread, any number at once. */
+int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
+                   size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err);
+
+/* Waits (within timeout_ms) for a connection of pc, then calls on it within what is left
+ * of timeout_ms: the one line a legacy program needs. PCONN_ETIMEDOUT when no connection
+ * came in time, PCONN_ECLOSED when pc is closed; otherwise as pconn_rpc_call(). */
+int pconn_rpc_dispatch(pconn_t *pc, const char *name, int version, const void *req,
+                       size_t req_len, pconn_buf_t *resp, int64_t timeout_ms,
+                       pconn_error_t *err);
+
+/* ---- Server ----------------------------------------------------------------------- */
+
+typedef struct pconn_rpc_server_t pconn_rpc_server_t;
+
+typedef struct pconn_rpc_server_options_t {
+    const char *listen_address;          /* "127.0.0.1:0" picks a free port; "unix:/p" */
+    pconn_rpc_impls_t *implementations;  /* borrowed, must outlive the server */
+    size_t max_message_size;             /* 0: 100 MiB */
+    int64_t handshake_timeout_ms;        /* a peer silent this long is dropped; 0: 30 s */
+    pconn_heartbeat_t heartbeat;         /* zeros: 30 s timeout, sent every 10 s */
+} pconn_rpc_server_options_t;
+
+/* Listens and serves: each connection is handshaken, kept alive by heartbeats, and its
+ * queries dispatched to the handler pool. PCONN_OK with *out set, or an error with err
+ * (may be NULL) filled: PCONN_EINVAL (bad options) or PCONN_EIO (cannot listen). */
+int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_server_t **out,
+                           pconn_error_t *err);
+
+/* The bound address, e.g. "127.0.0.1:40123"; lives as long as srv. */
+const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);
+
+/* Stops listening, closes every connection (calls in flight on them fail at the
+ * callers), waits for running handlers to return, and frees srv. NULL is ignored. Not
+ * from inside one of its own handlers. */
+void pconn_rpc_server_stop(pconn_rpc_server_t *srv);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PCONN_RPC_H */

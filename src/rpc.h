@@ -1,0 +1,92 @@
+/* rpc.h - what the RPC files share: the wire format (docs/protocol.md), the connection
+ * type, the handler pool. Hidden from users. */
+#ifndef PCONN_RPC_INTERNAL_H
+#define PCONN_RPC_INTERNAL_H
+
+#include "internal.h"
+#include "pconn_rpc.h"
+#include "pconn_tcp.h"
+
+#define RPC_MAGIC 0x50434E31u /* "PCN1" */
+#define RPC_VERSION 1
+#define RPC_HELLO_MAX 512
+#define RPC_NAME_MAX 255
+#define RPC_DEFAULT_MAX ((size_t)100 * 1024 * 1024)
+#define RPC_DEFAULT_HANDSHAKE_MS 30000
+#define RPC_DEFAULT_HB_TIMEOUT_MS 30000
+#define RPC_DEFAULT_HB_EVERY_MS 10000
+
+enum { RPC_HELLO = 1, RPC_HEARTBEAT = 2, RPC_QUERY = 3, RPC_RESPONSE = 4, RPC_CLOSE = 5 };
+
+/* Wire codes of RESPONSE and CLOSE are pconn status codes. */
+enum { RPC_CODE_OK = 0 };
+
+/* A decoded payload; pointers point into the payload. */
+typedef struct rpc_msg_t {
+    uint8_t type;
+    uint64_t id;       /* QUERY, RESPONSE */
+    uint32_t version;  /* QUERY */
+    uint32_t code;     /* RESPONSE, CLOSE */
+    uint32_t magic;    /* HELLO */
+    uint8_t nversions; /* HELLO */
+    uint16_t versions[32];
+    const char *name;  /* QUERY */
+    size_t name_len;
+    const uint8_t *data; /* QUERY, RESPONSE: the data; CLOSE: the message */
+    size_t data_len;
+} rpc_msg_t;
+
+/* Decodes one frame's payload. PCONN_OK, or PCONN_EPROTO with why filled. */
+PCONN_HIDDEN int pconn__rpc_decode(const uint8_t *payload, size_t len, rpc_msg_t *m, char *why,
+                                   size_t why_size);
+/* The highest version both lists have, or 0. */
+PCONN_HIDDEN unsigned pconn__rpc_pick_version(const rpc_msg_t *hello);
+
+PCONN_HIDDEN void pconn__put_u16(uint8_t *p, uint16_t v);
+PCONN_HIDDEN void pconn__put_u32(uint8_t *p, uint32_t v);
+PCONN_HIDDEN void pconn__put_u64(uint8_t *p, uint64_t v);
+PCONN_HIDDEN uint64_t pconn__get_u64(const uint8_t *p);
+PCONN_HIDDEN uint32_t pconn__get_u32(const uint8_t *p);
+
+/* ---- implementations and the handler pool ---- */
+
+typedef struct rpc_pool_t rpc_pool_t;
+/* A pool that grows to max threads when every one is busy, and keeps them. */
+PCONN_HIDDEN rpc_pool_t *pconn__rpc_pool_new(int max);
+/* Runs fn(arg) on a pool thread. PCONN_OK or PCONN_ENOMEM. */
+PCONN_HIDDEN int pconn__rpc_pool_submit(rpc_pool_t *p, void (*fn)(void *), void *arg);
+/* Waits for every submitted job, then stops and frees the pool. */
+PCONN_HIDDEN void pconn__rpc_pool_free(rpc_pool_t *p);
+
+PCONN_HIDDEN pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t *impls, const char *name,
+                                                        size_t name_len, uint32_t version, void **arg);
+
+/* ---- connections ---- */
+
+typedef struct rpc_config_t {
+    pconn_rpc_impls_t *impls; /* may be NULL */
+    rpc_pool_t *pool;         /* needed when impls is set */
+    size_t max;
+    int64_t hb_timeout_ms, hb_every_ms;
+    const pconn_transport_t *transport; /* NULL: plain */
+} rpc_config_t;
+
+/* Fills defaults into a configuration from user options (zeros mean defaults). */
+PCONN_HIDDEN void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
+                                    const pconn_heartbeat_t *hb, const pconn_transport_t *transport);
+
+/* Makes an RPC connection of a connected fd (taken over: closed on failure too): the
+ * transport session, the handshake before deadline_ns, then its reader thread. PCONN_OK
+ * with *out, or an error with err. When on_reader_exit is set it is called (from the
+ * reader thread, as its last act) with exit_arg. */
+PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg,
+                                      int64_t deadline_ns, void (*on_reader_exit)(void *),
+                                      void *exit_arg, pconn_conn_t **out, pconn_error_t *err);
+/* True once the connection's reader has returned. */
+PCONN_HIDDEN bool pconn__rpc_conn_done(pconn_conn_t *conn);
+
+/* ---- tcp, for rpc ---- */
+/* Connects as pconn_tcp_connect() does; the raw blocking fd, or -1 with err. */
+PCONN_HIDDEN int pconn__tcp_connect_fd(const pconn_tcp_options_t *o, const char *address, pconn_error_t *err);
+
+#endif

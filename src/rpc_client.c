@@ -1,0 +1,92 @@
+/* rpc_client.c - pconn_rpc_create(): a persistent connection whose connect makes an RPC
+ * connection (TCP connect and handshake within handshake_timeout_ms); and
+ * pconn_rpc_dispatch(), wait-then-call in one line. */
+#include "rpc.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define CLIENT_POOL_MAX 64
+
+typedef struct rpc_client_t {
+    pconn_tcp_options_t tcp;
+    rpc_config_t cfg;
+    int64_t handshake_ms;
+} rpc_client_t;
+
+static void client_free(void *arg)
+{
+    rpc_client_t *cl = arg;
+    pconn__rpc_pool_free(cl->cfg.pool);
+    free((char *)cl->tcp.bind_address);
+    free(cl);
+}
+
+static int rpc_connect(void *arg, const char *address, pconn_conn_t **conn, pconn_error_t *err)
+{
+    rpc_client_t *cl = arg;
+    int64_t deadline = pconn__deadline_ns(cl->handshake_ms);
+    int fd = pconn__tcp_connect_fd(&cl->tcp, address, err);
+    if (fd < 0)
+        return err->code;
+    return pconn__rpc_conn_open(fd, address, &cl->cfg, deadline, NULL, NULL, conn, err);
+}
+
+int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)
+{
+    if (out != NULL)
+        *out = NULL;
+    if (opts == NULL)
+        return PCONN_EINVAL;
+    int rc = PCONN_ENOMEM;
+    rpc_client_t *cl = calloc(1, sizeof *cl);
+    if (cl == NULL)
+        goto fail;
+    cl->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
+    /* As in Async, the handshake timeout bounds the TCP connect too. */
+    cl->tcp.connect_timeout_ms = cl->handshake_ms;
+    cl->tcp.nodelay = true;
+    if (opts->bind_address != NULL && (cl->tcp.bind_address = strdup(opts->bind_address)) == NULL)
+        goto fail;
+    pconn__rpc_config(&cl->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
+                      opts->transport);
+    if (opts->implementations != NULL && (cl->cfg.pool = pconn__rpc_pool_new(CLIENT_POOL_MAX)) == NULL)
+        goto fail;
+    pconn_options_t base = opts->base;
+    base.connect = rpc_connect;
+    base.connect_arg = cl;
+    return pconn__create(&base, client_free, out);
+fail:
+    if (cl != NULL)
+        client_free(cl);
+    pconn_resolver_free(opts->base.resolver);
+    return rc;
+}
+
+int pconn_rpc_dispatch(pconn_t *pc, const char *name, int version, const void *req,
+                       size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err)
+{
+    if (resp != NULL)
+        *resp = (pconn_buf_t){0};
+    if (pc == NULL) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "pconn_rpc_dispatch: pc is NULL");
+        return PCONN_EINVAL;
+    }
+    int64_t deadline = pconn__deadline_ns(timeout_ms);
+    pconn_conn_t *conn = NULL;
+    int rc = pconn_connected(pc, timeout_ms, &conn);
+    if (rc != PCONN_OK) {
+        pconn_error_set(err, rc, 0, "%s: %s", pconn_server_name(pc),
+                        rc == PCONN_ETIMEDOUT ? "no connection within the timeout" : "closed");
+        return rc;
+    }
+    int64_t left = timeout_ms;
+    if (deadline != INT64_MAX) {
+        left = (deadline - pconn__mono_ns()) / 1000000;
+        if (left < 0)
+            left = 0;
+    }
+    rc = pconn_rpc_call(conn, name, version, req, req_len, resp, left, err);
+    pconn_conn_unref(conn);
+    return rc;
+}

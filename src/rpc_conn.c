@@ -1,0 +1,760 @@
+/* rpc_conn.c - an RPC connection: handshake, a reader thread that also keeps the
+ * heartbeats, calls multiplexed by id, queries handed to the handler pool.
+ * Lock order: c->lock and c->wlock are never held together. */
+#include "rpc.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define READ_BUF 65536
+#define READER_STACK (256 * 1024)
+
+/* A call waiting for its answer, on the caller's stack. */
+typedef struct pending_t {
+    uint64_t id;
+    pthread_cond_t cond;
+    bool done;
+    int code;            /* wire code of the answer, or a local failure */
+    uint8_t *frame;      /* the RESPONSE payload (owned), data at frame + 13 */
+    size_t data_len;
+    char msg[256];
+    struct pending_t *next;
+} pending_t;
+
+typedef struct rpc_conn_t {
+    pconn_conn_t *conn; /* our wrapper: no reference, it outlives the reader */
+    int fd;
+    char address[PCONN_ADDRESS_MAX];
+    rpc_config_t cfg;
+    void *session;      /* the transport's, or NULL */
+
+    pthread_mutex_t wlock; /* one writer at a time */
+    pthread_mutex_t lock;  /* pending, next_id, failure */
+    pending_t *pending;
+    uint64_t next_id;
+    bool failed;
+    int fail_code;
+    char fail_msg[256];
+
+    pthread_t reader;
+    bool reader_started;
+    atomic_bool reader_done;
+    void (*on_reader_exit)(void *);
+    void *exit_arg;
+
+    /* The reader's alone. */
+    uint8_t *rbuf;
+    size_t rpos, rlen;
+    int64_t last_recv_ns, next_send_ns;
+    int64_t handshake_deadline_ns; /* while > 0, reads are bounded by it instead */
+} rpc_conn_t;
+
+static _Thread_local pconn_conn_t *tl_handler_conn;
+
+pconn_conn_t *pconn_rpc_handler_conn(void)
+{
+    return tl_handler_conn;
+}
+
+void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
+                       const pconn_heartbeat_t *hb, const pconn_transport_t *transport)
+{
+    cfg->impls = impls;
+    cfg->pool = NULL;
+    cfg->max = max > 0 ? max : RPC_DEFAULT_MAX;
+    cfg->hb_timeout_ms = hb != NULL && hb->timeout_ms > 0 ? hb->timeout_ms : RPC_DEFAULT_HB_TIMEOUT_MS;
+    cfg->hb_every_ms = hb != NULL && hb->send_every_ms > 0 ? hb->send_every_ms : RPC_DEFAULT_HB_EVERY_MS;
+    cfg->transport = transport;
+}
+
+/* ---- raw I/O ------------------------------------------------------------------- */
+
+static ssize_t raw_read(rpc_conn_t *c, void *buf, size_t len)
+{
+    if (c->cfg.transport != NULL)
+        return c->cfg.transport->read(c->session, buf, len);
+    return recv(c->fd, buf, len, 0);
+}
+
+static ssize_t raw_write(rpc_conn_t *c, const void *buf, size_t len)
+{
+    if (c->cfg.transport != NULL)
+        return c->cfg.transport->write(c->session, buf, len);
+    return send(c->fd, buf, len, MSG_NOSIGNAL);
+}
+
+/* Writes one frame: header then data, whole, under the write lock. */
+static int write_frame_locked(rpc_conn_t *c, const uint8_t *head, size_t head_len,
+                              const void *data, size_t data_len)
+{
+    if (c->cfg.transport == NULL) {
+        /* One system call for the common case. */
+        struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = data_len > 0 ? 2 : 1};
+        size_t total = head_len + data_len;
+        while (total > 0) {
+            ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return -1;
+            total -= (size_t)n;
+            while (n > 0 && mh.msg_iovlen > 0) {
+                if ((size_t)n >= mh.msg_iov->iov_len) {
+                    n -= (ssize_t)mh.msg_iov->iov_len;
+                    mh.msg_iov++;
+                    mh.msg_iovlen--;
+                } else {
+                    mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + n;
+                    mh.msg_iov->iov_len -= (size_t)n;
+                    n = 0;
+                }
+            }
+        }
+        return 0;
+    }
+    const uint8_t *parts[2] = {head, data};
+    size_t lens[2] = {head_len, data_len};
+    for (int i = 0; i < 2; i++) {
+        while (lens[i] > 0) {
+            ssize_t n = raw_write(c, parts[i], lens[i]);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return -1;
+            parts[i] += n;
+            lens[i] -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+static int write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
+                       size_t data_len)
+{
+    pconn__mutex_lock(&c->wlock);
+    int rc = write_frame_locked(c, head, head_len, data, data_len);
+    pconn__mutex_unlock(&c->wlock);
+    return rc;
+}
+
+/* Frame header: length, type, and the fixed fields the caller appends. */
+static size_t frame_head(uint8_t *h, uint8_t type, size_t fixed_len, size_t data_len)
+{
+    pconn__put_u64(h, 1 + fixed_len + data_len);
+    h[8] = type;
+    return 9;
+}
+
+static void send_close(rpc_conn_t *c, int code, const char *msg)
+{
+    uint8_t h[13];
+    size_t mlen = strlen(msg);
+    frame_head(h, RPC_CLOSE, 4, mlen);
+    pconn__put_u32(h + 9, (uint32_t)code);
+    write_frame(c, h, sizeof h, msg, mlen);
+}
+
+static int send_response(rpc_conn_t *c, uint64_t id, int code, const void *data, size_t len)
+{
+    uint8_t h[21];
+    frame_head(h, RPC_RESPONSE, 12, len);
+    pconn__put_u64(h + 9, id);
+    pconn__put_u32(h + 17, (uint32_t)code);
+    return write_frame(c, h, sizeof h, data, len);
+}
+
+/* ---- failure ------------------------------------------------------------------- */
+
+/* Records why the connection ended (the first reason wins) and fails every call in
+ * flight with it. */
+static void fail_calls(rpc_conn_t *c, int code, const char *msg)
+{
+    pconn__mutex_lock(&c->lock);
+    if (!c->failed) {
+        c->failed = true;
+        c->fail_code = code;
+        snprintf(c->fail_msg, sizeof c->fail_msg, "%s", msg);
+    }
+    for (pending_t *p = c->pending; p != NULL; p = p->next) {
+        p->done = true;
+        p->code = c->fail_code;
+        snprintf(p->msg, sizeof p->msg, "%s", c->fail_msg);
+        pthread_cond_signal(&p->cond);
+    }
+    c->pending = NULL;
+    pconn__mutex_unlock(&c->lock);
+}
+
+/* The reader's way out: fail the calls, then close the connection for everyone. */
+static void fail(rpc_conn_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = snprintf(msg, sizeof msg, "rpc %s: ", c->address);
+    vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, ap);
+    va_end(ap);
+    fail_calls(c, code, msg);
+    pconn_conn_close(c->conn);
+}
+
+/* ---- reading ------------------------------------------------------------------- */
+
+/* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
+ * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout). */
+static int wait_readable(rpc_conn_t *c)
+{
+    for (;;) {
+        if (c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
+            c->session != NULL && c->cfg.transport->pending(c->session) > 0)
+            return PCONN_OK;
+        int64_t now = pconn__mono_ns(), until;
+        if (c->handshake_deadline_ns > 0) {
+            if (now >= c->handshake_deadline_ns)
+                return PCONN_ETIMEDOUT;
+            until = c->handshake_deadline_ns;
+        } else {
+            int64_t dead_at = c->last_recv_ns + c->cfg.hb_timeout_ms * 1000000;
+            if (now >= dead_at)
+                return PCONN_ETIMEDOUT;
+            if (now >= c->next_send_ns) {
+                /* Skipped while someone writes: those bytes reach the peer anyway. */
+                if (pthread_mutex_trylock(&c->wlock) == 0) {
+                    uint8_t h[9];
+                    frame_head(h, RPC_HEARTBEAT, 0, 0);
+                    write_frame_locked(c, h, sizeof h, NULL, 0);
+                    pconn__mutex_unlock(&c->wlock);
+                }
+                c->next_send_ns = now + c->cfg.hb_every_ms * 1000000;
+            }
+            until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
+        }
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        int rc = poll(&pfd, 1, pconn__poll_timeout_ms(until));
+        if (rc > 0)
+            return PCONN_OK;
+        if (rc < 0 && errno != EINTR)
+            return PCONN_EIO;
+    }
+}
+
+/* Reads exactly len bytes (through the read buffer). PCONN_OK, PCONN_EIO (end of
+ * stream or error, errno kept in *sys_errno) or PCONN_ETIMEDOUT. */
+static int read_exact(rpc_conn_t *c, void *dst, size_t len, int *sys_errno)
+{
+    uint8_t *out = dst;
+    while (len > 0) {
+        if (c->rpos < c->rlen) {
+            size_t n = c->rlen - c->rpos < len ? c->rlen - c->rpos : len;
+            memcpy(out, c->rbuf + c->rpos, n);
+            c->rpos += n;
+            out += n;
+            len -= n;
+            continue;
+        }
+        int rc = wait_readable(c);
+        if (rc != PCONN_OK)
+            return rc;
+        /* Large reads go straight to their destination. */
+        bool direct = len >= READ_BUF;
+        ssize_t n = raw_read(c, direct ? out : c->rbuf, direct ? len : READ_BUF);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0) {
+            *sys_errno = n < 0 ? errno : 0;
+            return PCONN_EIO;
+        }
+        c->last_recv_ns = pconn__mono_ns();
+        if (direct) {
+            out += n;
+            len -= (size_t)n;
+        } else {
+            c->rpos = 0;
+            c->rlen = (size_t)n;
+        }
+    }
+    return PCONN_OK;
+}
+
+/* Reads one frame payload into a new buffer, refusing sizes over limit before any
+ * allocation. On PCONN_ETOOBIG, *big_len is the length and head[0..*head_len) the first
+ * bytes of its payload (type and id, when there). */
+static int read_frame(rpc_conn_t *c, size_t limit, uint8_t **payload, size_t *len,
+                      uint64_t *big_len, uint8_t *head, size_t *head_len, int *sys_errno)
+{
+    uint8_t lenbuf[8];
+    int rc = read_exact(c, lenbuf, 8, sys_errno);
+    if (rc != PCONN_OK)
+        return rc;
+    uint64_t n = pconn__get_u64(lenbuf);
+    if (n == 0)
+        return PCONN_EPROTO;
+    if (n > limit) {
+        *big_len = n;
+        *head_len = n < 9 ? (size_t)n : 9;
+        if (read_exact(c, head, *head_len, sys_errno) != PCONN_OK)
+            *head_len = 0;
+        return PCONN_ETOOBIG;
+    }
+    uint8_t *p = malloc((size_t)n);
+    if (p == NULL)
+        return PCONN_ENOMEM;
+    rc = read_exact(c, p, (size_t)n, sys_errno);
+    if (rc != PCONN_OK) {
+        free(p);
+        return rc;
+    }
+    *payload = p;
+    *len = (size_t)n;
+    return PCONN_OK;
+}
+
+/* ---- handshake ----------------------------------------------------------------- */
+
+static int handshake(rpc_conn_t *c, pconn_error_t *err)
+{
+    uint8_t hello[9 + 7];
+    frame_head(hello, RPC_HELLO, 7, 0);
+    pconn__put_u32(hello + 9, RPC_MAGIC);
+    hello[13] = 1;
+    pconn__put_u16(hello + 14, RPC_VERSION);
+    if (write_frame(c, hello, sizeof hello, NULL, 0) != 0) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, errno, "rpc %s: handshake: write", c->address);
+        return PCONN_EHANDSHAKE;
+    }
+    uint8_t *payload = NULL, head[9];
+    size_t len = 0, head_len;
+    uint64_t big;
+    int sys_errno = 0;
+    int rc = read_frame(c, RPC_HELLO_MAX, &payload, &len, &big, head, &head_len, &sys_errno);
+    if (rc == PCONN_ETIMEDOUT) {
+        send_close(c, PCONN_EHANDSHAKE, "handshake timed out");
+        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake timed out", c->address);
+        return PCONN_EHANDSHAKE;
+    }
+    if (rc == PCONN_EIO) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, sys_errno, "rpc %s: handshake: connection closed by peer",
+                        c->address);
+        return PCONN_EHANDSHAKE;
+    }
+    rpc_msg_t m;
+    char why[128] = "";
+    if (rc == PCONN_OK)
+        rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);
+    else
+        snprintf(why, sizeof why, "first frame is not a HELLO (length %llu)", (unsigned long long)big);
+    if (rc == PCONN_OK && m.type != RPC_HELLO) {
+        snprintf(why, sizeof why, "first frame is not a HELLO (type %u)", (unsigned)m.type);
+        rc = PCONN_EPROTO;
+    }
+    if (rc == PCONN_OK && m.magic != RPC_MAGIC) {
+        snprintf(why, sizeof why, "bad magic number 0x%08x (want 0x%08x)", m.magic, RPC_MAGIC);
+        rc = PCONN_EPROTO;
+    }
+    if (rc == PCONN_OK && pconn__rpc_pick_version(&m) == 0) {
+        int k = snprintf(why, sizeof why, "no common protocol version: ours [%d], theirs [", RPC_VERSION);
+        for (unsigned i = 0; i < m.nversions && k > 0 && (size_t)k < sizeof why - 8; i++)
+            k += snprintf(why + k, sizeof why - (size_t)k, i ? " %u" : "%u", m.versions[i]);
+        if (k > 0 && (size_t)k < sizeof why - 1)
+            snprintf(why + k, sizeof why - (size_t)k, "]");
+        rc = PCONN_EPROTO;
+    }
+    free(payload);
+    if (rc != PCONN_OK) {
+        send_close(c, PCONN_EHANDSHAKE, why);
+        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: %s", c->address, why);
+        return PCONN_EHANDSHAKE;
+    }
+    return PCONN_OK;
+}
+
+/* ---- serving queries ----------------------------------------------------------- */
+
+typedef struct job_t {
+    rpc_conn_t *c;
+    uint8_t *frame; /* the QUERY payload */
+    rpc_msg_t m;
+} job_t;
+
+static void run_query(void *arg)
+{
+    job_t *j = arg;
+    rpc_conn_t *c = j->c;
+    void *harg = NULL;
+    pconn_rpc_handler_fn fn = pconn__rpc_impls_find(c->cfg.impls, j->m.name, j->m.name_len,
+                                                    j->m.version, &harg);
+    pconn_buf_t resp = {0};
+    pconn_error_t err = {0};
+    if (fn == NULL) {
+        char msg[320];
+        int n = snprintf(msg, sizeof msg, "no implementation of %.*s version %u", (int)j->m.name_len,
+                         j->m.name, j->m.version);
+        send_response(c, j->m.id, PCONN_EUNIMPLEMENTED, msg, (size_t)n);
+    } else {
+        tl_handler_conn = c->conn;
+        int rc = fn(harg, j->m.data, j->m.data_len, &resp, &err);
+        tl_handler_conn = NULL;
+        if (rc != PCONN_OK) {
+            if (err.message[0] == '\0')
+                snprintf(err.message, sizeof err.message, "%s", pconn_strerror(rc));
+            send_response(c, j->m.id, PCONN_EREMOTE, err.message, strlen(err.message));
+        } else if (resp.len > c->cfg.max - 13) {
+            char msg[128];
+            int n = snprintf(msg, sizeof msg, "response of %zu bytes over the limit of %zu bytes",
+                             resp.len, c->cfg.max);
+            send_response(c, j->m.id, PCONN_ETOOBIG, msg, (size_t)n);
+        } else {
+            send_response(c, j->m.id, RPC_CODE_OK, resp.data, resp.len);
+        }
+    }
+    pconn_buf_free(&resp);
+    free(j->frame);
+    pconn_conn_unref(c->conn);
+    free(j);
+}
+
+/* Takes the payload. */
+static void dispatch_query(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
+{
+    if (c->cfg.impls == NULL || c->cfg.pool == NULL) {
+        static const char msg[] = "this side serves no calls";
+        send_response(c, m->id, PCONN_EUNIMPLEMENTED, msg, sizeof msg - 1);
+        free(payload);
+        return;
+    }
+    job_t *j = malloc(sizeof *j);
+    if (j == NULL) {
+        send_response(c, m->id, PCONN_EREMOTE, "out of memory", 13);
+        free(payload);
+        return;
+    }
+    *j = (job_t){c, payload, *m};
+    pconn_conn_ref(c->conn); /* the job may outlive the reader */
+    pconn__rpc_pool_submit(c->cfg.pool, run_query, j);
+}
+
+static void deliver(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
+{
+    pconn__mutex_lock(&c->lock);
+    for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
+        pending_t *p = *pp;
+        if (p->id != m->id)
+            continue;
+        *pp = p->next;
+        p->done = true;
+        p->code = (int)m->code;
+        p->frame = payload;
+        p->data_len = m->data_len;
+        pthread_cond_signal(&p->cond);
+        pconn__mutex_unlock(&c->lock);
+        return;
+    }
+    pconn__mutex_unlock(&c->lock);
+    free(payload); /* its caller gave up */
+}
+
+static void refuse_big(rpc_conn_t *c, uint64_t big, const uint8_t *head, size_t head_len)
+{
+    char msg[160];
+    snprintf(msg, sizeof msg, "frame of %llu bytes over the limit of %zu bytes",
+             (unsigned long long)big, c->cfg.max);
+    if (head_len == 9 && head[0] == RPC_QUERY) {
+        send_response(c, pconn__get_u64(head + 1), PCONN_ETOOBIG, msg, strlen(msg));
+    } else if (head_len == 9 && head[0] == RPC_RESPONSE) {
+        /* The call whose answer it was learns why. */
+        rpc_msg_t m = {.id = pconn__get_u64(head + 1), .code = PCONN_ETOOBIG};
+        uint8_t *copy = malloc(13 + strlen(msg));
+        if (copy != NULL) {
+            memcpy(copy + 13, msg, strlen(msg));
+            m.data_len = strlen(msg);
+            deliver(c, copy, &m);
+        }
+    }
+    send_close(c, PCONN_ETOOBIG, msg);
+    fail(c, PCONN_EIO, "closed: %s", msg);
+}
+
+static void *reader_main(void *arg)
+{
+    rpc_conn_t *c = arg;
+    c->last_recv_ns = pconn__mono_ns();
+    c->next_send_ns = c->last_recv_ns + c->cfg.hb_every_ms * 1000000;
+    for (;;) {
+        uint8_t *payload = NULL, head[9];
+        size_t len = 0, head_len = 0;
+        uint64_t big = 0;
+        int sys_errno = 0;
+        int rc = read_frame(c, c->cfg.max, &payload, &len, &big, head, &head_len, &sys_errno);
+        if (rc == PCONN_ETOOBIG) {
+            refuse_big(c, big, head, head_len);
+            break;
+        }
+        if (rc == PCONN_ETIMEDOUT) {
+            send_close(c, PCONN_ETIMEDOUT, "heartbeat timeout");
+            fail(c, PCONN_EIO, "nothing received for %lld ms: heartbeat timeout",
+                 (long long)c->cfg.hb_timeout_ms);
+            break;
+        }
+        if (rc == PCONN_EIO) {
+            if (sys_errno != 0)
+                fail(c, PCONN_EIO, "connection lost: %s", strerror(sys_errno));
+            else
+                fail(c, PCONN_EIO, "connection closed by peer");
+            break;
+        }
+        rpc_msg_t m;
+        char why[128] = "zero-length frame";
+        if (rc == PCONN_OK)
+            rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);
+        if (rc == PCONN_OK && m.type == RPC_HELLO) {
+            snprintf(why, sizeof why, "HELLO after the handshake");
+            rc = PCONN_EPROTO;
+        }
+        if (rc != PCONN_OK) {
+            free(payload);
+            if (rc == PCONN_ENOMEM)
+                snprintf(why, sizeof why, "out of memory");
+            send_close(c, PCONN_EPROTO, why);
+            fail(c, PCONN_EIO, "protocol error: %s", why);
+            break;
+        }
+        if (m.type == RPC_QUERY) {
+            dispatch_query(c, payload, &m);
+        } else if (m.type == RPC_RESPONSE) {
+            deliver(c, payload, &m);
+        } else if (m.type == RPC_CLOSE) {
+            fail(c, PCONN_EIO, "closed by peer: %.*s", (int)(m.data_len < 200 ? m.data_len : 200),
+                 (const char *)m.data);
+            free(payload);
+            break;
+        } else {
+            free(payload); /* HEARTBEAT: its arrival was all */
+        }
+    }
+    atomic_store(&c->reader_done, true);
+    if (c->on_reader_exit != NULL)
+        c->on_reader_exit(c->exit_arg);
+    return NULL;
+}
+
+/* ---- the connection type ------------------------------------------------------- */
+
+static void rpc_close(void *impl)
+{
+    rpc_conn_t *c = impl;
+    /* Closed here because the peer hung up (the pconn saw it first)? Then say so. */
+    struct pollfd pfd = {.fd = c->fd, .events = POLLRDHUP};
+    char msg[200];
+    if (poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+        snprintf(msg, sizeof msg, "rpc %.120s: connection closed by peer", c->address);
+        fail_calls(c, PCONN_EIO, msg);
+    } else {
+        snprintf(msg, sizeof msg, "rpc %.120s: connection closed", c->address);
+        fail_calls(c, PCONN_ECLOSED, msg);
+    }
+    shutdown(c->fd, SHUT_RDWR); /* the reader and any writer return at once */
+}
+
+static void rpc_destroy(void *impl)
+{
+    rpc_conn_t *c = impl;
+    shutdown(c->fd, SHUT_RDWR);
+    if (c->reader_started)
+        pthread_join(c->reader, NULL);
+    if (c->session != NULL)
+        c->cfg.transport->close(c->session);
+    close(c->fd);
+    pthread_mutex_destroy(&c->wlock);
+    pthread_mutex_destroy(&c->lock);
+    free(c->rbuf);
+    free(c);
+}
+
+static int rpc_fd(void *impl)
+{
+    return ((rpc_conn_t *)impl)->fd;
+}
+
+static const pconn_conn_ops_t rpc_ops = {rpc_close, rpc_destroy, rpc_fd};
+
+bool pconn__rpc_conn_done(pconn_conn_t *conn)
+{
+    return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->reader_done);
+}
+
+int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, int64_t deadline_ns,
+                         void (*on_reader_exit)(void *), void *exit_arg, pconn_conn_t **out,
+                         pconn_error_t *err)
+{
+    *out = NULL;
+    rpc_conn_t *c = calloc(1, sizeof *c);
+    uint8_t *rbuf = malloc(READ_BUF);
+    if (c == NULL || rbuf == NULL) {
+        free(c);
+        free(rbuf);
+        close(fd);
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "rpc %s", address);
+        return PCONN_ENOMEM;
+    }
+    c->fd = fd;
+    c->rbuf = rbuf;
+    c->cfg = *cfg;
+    c->on_reader_exit = on_reader_exit;
+    c->exit_arg = exit_arg;
+    pconn__strcpy(c->address, sizeof c->address, address);
+    atomic_init(&c->reader_done, false);
+    pthread_mutex_init(&c->wlock, NULL);
+    pthread_mutex_init(&c->lock, NULL);
+    c->conn = pconn_conn_new(&rpc_ops, c);
+    if (c->conn == NULL) {
+        rpc_destroy(c);
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "rpc %s", address);
+        return PCONN_ENOMEM;
+    }
+    pconn__conn_set_address(c->conn, address);
+    int rc = PCONN_OK;
+    if (cfg->transport != NULL) {
+        int64_t left_ms = (deadline_ns - pconn__mono_ns()) / 1000000;
+        c->session = cfg->transport->open(cfg->transport->arg, fd, address, left_ms > 0 ? left_ms : 0, err);
+        if (c->session == NULL) {
+            if (err != NULL && err->code == PCONN_OK)
+                pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport failed", address);
+            rc = PCONN_EHANDSHAKE;
+        }
+    }
+    c->handshake_deadline_ns = deadline_ns;
+    if (rc == PCONN_OK)
+        rc = handshake(c, err);
+    c->handshake_deadline_ns = 0;
+    if (rc == PCONN_OK) {
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, READER_STACK);
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        c->reader_started = pthread_create(&c->reader, &attr, reader_main, c) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+        if (!c->reader_started) {
+            pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "rpc %s: reader thread", address);
+            rc = PCONN_ENOMEM;
+        }
+    }
+    if (rc != PCONN_OK) {
+        pconn_conn_close(c->conn);
+        pconn_conn_unref(c->conn);
+        return rc;
+    }
+    *out = c->conn;
+    return PCONN_OK;
+}
+
+/* ---- calls --------------------------------------------------------------------- */
+
+static int local_error(pconn_error_t *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int local_error(pconn_error_t *err, int code, const char *fmt, ...)
+{
+    if (err != NULL) {
+        va_list ap;
+        va_start(ap, fmt);
+        err->code = code;
+        err->sys_errno = 0;
+        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
+                   size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err)
+{
+    if (resp != NULL)
+        *resp = (pconn_buf_t){0};
+    if (conn == NULL || pconn__conn_ops(conn) != &rpc_ops || name == NULL || resp == NULL ||
+        version < 0 || (req == NULL && req_len > 0))
+        return local_error(err, PCONN_EINVAL, "pconn_rpc_call: bad argument");
+    rpc_conn_t *c = pconn_conn_impl(conn);
+    size_t name_len = strlen(name);
+    if (name_len == 0 || name_len > RPC_NAME_MAX)
+        return local_error(err, PCONN_EINVAL, "pconn_rpc_call: name of %zu bytes (1-255)", name_len);
+    size_t fixed = 8 + 4 + 2 + name_len;
+    if (req_len > c->cfg.max - 1 - fixed)
+        return local_error(err, PCONN_ETOOBIG, "rpc %s: request of %zu bytes over the limit of %zu bytes",
+                           c->address, req_len, c->cfg.max);
+
+    pending_t p = {0};
+    pconn__cond_init(&p.cond);
+    int64_t deadline = pconn__deadline_ns(timeout_ms);
+    pconn__mutex_lock(&c->lock);
+    if (c->failed) {
+        int code = c->fail_code;
+        pconn__mutex_unlock(&c->lock);
+        pthread_cond_destroy(&p.cond);
+        return local_error(err, code, "%s", c->fail_msg);
+    }
+    p.id = ++c->next_id;
+    p.next = c->pending;
+    c->pending = &p;
+    pconn__mutex_unlock(&c->lock);
+
+    uint8_t h[9 + 8 + 4 + 2 + RPC_NAME_MAX];
+    frame_head(h, RPC_QUERY, fixed, req_len);
+    pconn__put_u64(h + 9, p.id);
+    pconn__put_u32(h + 17, (uint32_t)version);
+    pconn__put_u16(h + 21, (uint16_t)name_len);
+    memcpy(h + 23, name, name_len);
+    if (write_frame(c, h, 9 + fixed, req, req_len) != 0) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
+        fail_calls(c, PCONN_EIO, msg); /* fails this call too */
+        pconn_conn_close(conn);
+    }
+
+    pconn__mutex_lock(&c->lock);
+    while (!p.done) {
+        if (pconn__cond_wait_until(&p.cond, &c->lock, deadline) != 0 && !p.done) {
+            for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
+                if (*pp == &p) {
+                    *pp = p.next;
+                    break;
+                }
+            }
+            pconn__mutex_unlock(&c->lock);
+            pthread_cond_destroy(&p.cond);
+            return local_error(err, PCONN_ETIMEDOUT, "rpc %s: %s version %d: no answer within %lld ms",
+                               c->address, name, version, (long long)timeout_ms);
+        }
+    }
+    pconn__mutex_unlock(&c->lock);
+    pthread_cond_destroy(&p.cond);
+
+    if (p.frame == NULL) /* failed locally: the message is in p.msg */
+        return local_error(err, p.code, "%s", p.msg);
+    if (p.code == RPC_CODE_OK) {
+        /* Hand the frame over without copying: move the data to its start. */
+        memmove(p.frame, p.frame + 13, p.data_len);
+        resp->data = p.frame;
+        resp->len = p.data_len;
+        resp->cap = p.data_len + 13;
+        if (err != NULL)
+            *err = (pconn_error_t){0};
+        return PCONN_OK;
+    }
+    int code = p.code == PCONN_EUNIMPLEMENTED || p.code == PCONN_ETOOBIG ? p.code : PCONN_EREMOTE;
+    int n = (int)(p.data_len < 255 ? p.data_len : 255);
+    local_error(err, code, "%.*s", n, (const char *)p.frame + 13);
+    free(p.frame);
+    return code;
+}

@@ -1,0 +1,248 @@
+/* rpc_server.c - the server side: an accepting thread; per connection a reader thread
+ * that first runs the handshake; queries run on a shared handler pool. */
+#include "rpc.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define SERVER_POOL_MAX 256
+
+typedef struct entry_t {
+    pconn_conn_t *conn; /* one reference, the server's */
+    struct entry_t *next;
+} entry_t;
+
+/* A connection still in its handshake, served by its own thread. */
+typedef struct greeter_t {
+    pconn_rpc_server_t *srv;
+    int fd;
+    char address[PCONN_ADDRESS_MAX];
+} greeter_t;
+
+struct pconn_rpc_server_t {
+    int lfd;
+    int wake_fd;
+    pthread_t acceptor;
+    rpc_config_t cfg;
+    int64_t handshake_ms;
+    char address[PCONN_ADDRESS_MAX];
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;  /* greeters finished */
+    entry_t *conns;
+    int greeters;         /* handshakes under way */
+    bool stopping;
+};
+
+/* Drops the connections whose reader has ended. */
+static void reap_locked(pconn_rpc_server_t *srv, entry_t **dead)
+{
+    for (entry_t **pp = &srv->conns; *pp != NULL;) {
+        entry_t *e = *pp;
+        if (pconn__rpc_conn_done(e->conn)) {
+            *pp = e->next;
+            e->next = *dead;
+            *dead = e;
+        } else {
+            pp = &e->next;
+        }
+    }
+}
+
+static void free_entries(entry_t *e)
+{
+    while (e != NULL) {
+        entry_t *next = e->next;
+        pconn_conn_close(e->conn);
+        pconn_conn_unref(e->conn);
+        free(e);
+        e = next;
+    }
+}
+
+static void reader_exited(void *arg)
+{
+    pconn__wake(((pconn_rpc_server_t *)arg)->wake_fd); /* the acceptor reaps it */
+}
+
+/* Handshakes one accepted connection, then keeps it (its reader runs on). */
+static void *greet_main(void *arg)
+{
+    greeter_t *g = arg;
+    pconn_rpc_server_t *srv = g->srv;
+    pconn_conn_t *conn = NULL;
+    pconn_error_t err;
+    int64_t deadline = pconn__deadline_ns(srv->handshake_ms);
+    int rc = pconn__rpc_conn_open(g->fd, g->address, &srv->cfg, deadline, reader_exited, srv, &conn, &err);
+    entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
+    pconn__mutex_lock(&srv->mutex);
+    if (e != NULL && !srv->stopping) {
+        e->conn = conn;
+        e->next = srv->conns;
+        srv->conns = e;
+        conn = NULL;
+        e = NULL;
+    }
+    srv->greeters--;
+    pthread_cond_broadcast(&srv->cond);
+    pconn__mutex_unlock(&srv->mutex);
+    free(e);
+    if (conn != NULL) { /* stopping, or no memory */
+        pconn_conn_close(conn);
+        pconn_conn_unref(conn);
+    }
+    free(g);
+    return NULL;
+}
+
+static void *accept_main(void *arg)
+{
+    pconn_rpc_server_t *srv = arg;
+    for (;;) {
+        struct pollfd pfd[2] = {{.fd = srv->wake_fd, .events = POLLIN}, {.fd = srv->lfd, .events = POLLIN}};
+        if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+            break;
+        entry_t *dead = NULL;
+        pconn__mutex_lock(&srv->mutex);
+        bool stopping = srv->stopping;
+        if (pfd[0].revents)
+            pconn__wake_drain(srv->wake_fd);
+        reap_locked(srv, &dead);
+        pconn__mutex_unlock(&srv->mutex);
+        free_entries(dead);
+        if (stopping)
+            break;
+        if (!(pfd[1].revents & POLLIN))
+            continue;
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(srv->lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+        if (fd < 0)
+            continue; /* EMFILE and friends: the next round tries again */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        greeter_t *g = malloc(sizeof *g);
+        if (g == NULL) {
+            close(fd);
+            continue;
+        }
+        g->srv = srv;
+        g->fd = fd;
+        /* Messages about the connection name its peer. */
+        char host[64], port[16];
+        if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
+            getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, port, sizeof port,
+                        NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+            snprintf(g->address, sizeof g->address, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, port);
+        else
+            snprintf(g->address, sizeof g->address, "a unix peer");
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        pconn__mutex_lock(&srv->mutex);
+        srv->greeters++;
+        pconn__mutex_unlock(&srv->mutex);
+        if (pthread_create(&t, &attr, greet_main, g) != 0) {
+            pconn__mutex_lock(&srv->mutex);
+            srv->greeters--;
+            pconn__mutex_unlock(&srv->mutex);
+            close(fd);
+            free(g);
+        }
+        pthread_attr_destroy(&attr);
+    }
+    return NULL;
+}
+
+int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_server_t **out,
+                           pconn_error_t *err)
+{
+    if (out != NULL)
+        *out = NULL;
+    if (opts == NULL || out == NULL || opts->listen_address == NULL) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "pconn_rpc_server_start: bad options");
+        return PCONN_EINVAL;
+    }
+    pconn_error_t local;
+    if (err == NULL)
+        err = &local;
+    pconn_rpc_server_t *srv = calloc(1, sizeof *srv);
+    if (srv == NULL) {
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_rpc_server_start");
+        return PCONN_ENOMEM;
+    }
+    srv->lfd = pconn_tcp_listen(opts->listen_address, 0, err);
+    if (srv->lfd < 0) {
+        int code = err->code == PCONN_EINVAL ? PCONN_EINVAL : PCONN_EIO;
+        err->code = code;
+        free(srv);
+        return code;
+    }
+    pconn_tcp_local_address(srv->lfd, srv->address, sizeof srv->address);
+    srv->wake_fd = pconn__wake_fd_new();
+    pthread_mutex_init(&srv->mutex, NULL);
+    pthread_cond_init(&srv->cond, NULL);
+    srv->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
+    pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat, NULL);
+    srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int prc = srv->wake_fd >= 0 && srv->cfg.pool != NULL ? pthread_create(&srv->acceptor, NULL, accept_main, srv) : -1;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (prc != 0) {
+        pconn__rpc_pool_free(srv->cfg.pool);
+        if (srv->wake_fd >= 0)
+            close(srv->wake_fd);
+        close(srv->lfd);
+        pthread_cond_destroy(&srv->cond);
+        pthread_mutex_destroy(&srv->mutex);
+        free(srv);
+        pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "pconn_rpc_server_start");
+        return PCONN_ENOMEM;
+    }
+    *out = srv;
+    return PCONN_OK;
+}
+
+const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv)
+{
+    return srv->address;
+}
+
+void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
+{
+    if (srv == NULL)
+        return;
+    pconn__mutex_lock(&srv->mutex);
+    srv->stopping = true;
+    pconn__mutex_unlock(&srv->mutex);
+    pconn__wake(srv->wake_fd);
+    pthread_join(srv->acceptor, NULL);
+    close(srv->lfd);
+    if (strncmp(srv->address, "unix:/", 6) == 0)
+        unlink(srv->address + 5);
+    /* Handshakes under way end within their timeout, or at once once refused. */
+    pconn__mutex_lock(&srv->mutex);
+    while (srv->greeters > 0)
+        pthread_cond_wait(&srv->cond, &srv->mutex);
+    entry_t *all = srv->conns;
+    srv->conns = NULL;
+    pconn__mutex_unlock(&srv->mutex);
+    free_entries(all);
+    pconn__rpc_pool_free(srv->cfg.pool); /* waits for running handlers */
+    close(srv->wake_fd);
+    pthread_cond_destroy(&srv->cond);
+    pthread_mutex_destroy(&srv->mutex);
+    free(srv);
+}

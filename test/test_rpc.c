@@ -1,0 +1,984 @@
+/* test_rpc.c - RPC connections against real servers on loopback: in this process, and
+ * as separate processes (`pconn rpc-serve`) that are killed or stopped; and peers that
+ * break the protocol, written byte by byte. */
+#include "common.h"
+#include "pconn_rpc.h"
+#include "pconn_tcp.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define LIMIT (2 * 1024 * 1024)
+
+/* ---- handlers ------------------------------------------------------------------- */
+
+static int h_echo(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    return pconn_buf_append(resp, req, len);
+}
+
+static int h_fail(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)req, (void)len, (void)resp;
+    pconn_error_set(err, PCONN_EINVAL, 0, "account %.*s is locked", (int)len, (const char *)req);
+    return PCONN_EINVAL;
+}
+
+/* Answers with n bytes, n given as the request's decimal text. */
+static int h_bytes(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    char text[32] = "";
+    memcpy(text, req, len < 31 ? len : 31);
+    size_t n = strtoul(text, NULL, 10);
+    resp->data = calloc(1, n ? n : 1);
+    resp->len = resp->cap = n;
+    return resp->data ? PCONN_OK : PCONN_ENOMEM;
+}
+
+/* Blocks until the gate opens: a slow handler. */
+typedef struct gate_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    bool open;
+    int inside;
+} gate_t;
+static gate_t gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, 0};
+
+static int h_slow(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    pthread_mutex_lock(&gate.mutex);
+    gate.inside++;
+    pthread_cond_broadcast(&gate.cond);
+    while (!gate.open)
+        pthread_cond_wait(&gate.cond, &gate.mutex);
+    pthread_mutex_unlock(&gate.mutex);
+    return pconn_buf_append(resp, req, len);
+}
+
+static void gate_set(bool open)
+{
+    pthread_mutex_lock(&gate.mutex);
+    gate.open = open;
+    if (!open)
+        gate.inside = 0;
+    pthread_cond_broadcast(&gate.cond);
+    pthread_mutex_unlock(&gate.mutex);
+}
+
+static void gate_wait_inside(int n)
+{
+    pthread_mutex_lock(&gate.mutex);
+    while (gate.inside < n)
+        pthread_cond_wait(&gate.cond, &gate.mutex);
+    pthread_mutex_unlock(&gate.mutex);
+}
+
+/* The server's handler that calls the client back over the same connection. */
+static int h_ask_back(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg;
+    pconn_conn_t *conn = pconn_rpc_handler_conn();
+    if (conn == NULL)
+        return PCONN_EINVAL;
+    pconn_buf_t answer;
+    int rc = pconn_rpc_call(conn, "client.hello", 1, req, len, &answer, WAIT_MS, err);
+    if (rc != PCONN_OK)
+        return rc;
+    rc = pconn_buf_append(resp, "client said: ", 13);
+    if (rc == PCONN_OK)
+        rc = pconn_buf_append(resp, answer.data, answer.len);
+    pconn_buf_free(&answer);
+    return rc;
+}
+
+static int h_client_hello(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    int rc = pconn_buf_append(resp, "hello ", 6);
+    return rc == PCONN_OK ? pconn_buf_append(resp, req, len) : rc;
+}
+
+/* The peer's address as the server sees it. */
+static int h_whoami(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)req, (void)len, (void)err;
+    const char *a = pconn_conn_address(pconn_rpc_handler_conn());
+    return pconn_buf_append(resp, a, strlen(a));
+}
+
+static pconn_rpc_impls_t *server_impls(void)
+{
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "fail", 1, h_fail, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "bytes", 1, h_bytes, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "slow", 1, h_slow, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "ask_back", 1, h_ask_back, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "whoami", 1, h_whoami, NULL), PCONN_OK);
+    /* The same pair twice, and bad names, are refused. */
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_EINVAL);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "", 1, h_echo, NULL), PCONN_EINVAL);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "x", 1, NULL, NULL), PCONN_EINVAL);
+    return impls;
+}
+
+/* ---- fixtures ------------------------------------------------------------------- */
+
+typedef struct fixture_t {
+    pconn_rpc_impls_t *impls;
+    pconn_rpc_server_t *srv;
+    recorder_t rec;
+    pconn_t *pc;
+    pconn_conn_t *conn;
+} fixture_t;
+
+static pconn_rpc_server_t *server(pconn_rpc_impls_t *impls, size_t max)
+{
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .max_message_size = max};
+    pconn_rpc_server_t *srv = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_server_start(&so, &srv, &err), PCONN_OK);
+    return srv;
+}
+
+static int64_t quick_retry(void *arg, unsigned failures)
+{
+    (void)arg, (void)failures;
+    return 50;
+}
+
+static pconn_rpc_options_t client_options(fixture_t *f, const char *const *addresses, size_t n)
+{
+    pconn_rpc_options_t o = {
+        .base = {.server_name = "rpc",
+                 .resolver = pconn_resolver_static(addresses, n),
+                 .on_event = rec_on_event,
+                 .on_event_arg = &f->rec,
+                 .retry_delay = quick_retry},
+        .max_message_size = LIMIT,
+    };
+    return o;
+}
+
+static void setup(fixture_t *f)
+{
+    memset(f, 0, sizeof *f);
+    rec_init(&f->rec);
+    f->impls = server_impls();
+    f->srv = server(f->impls, LIMIT);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f->srv);
+    const char *address = pconn_rpc_server_address(f->srv);
+    pconn_rpc_options_t o = client_options(f, &address, 1);
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &f->pc), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(f->pc, WAIT_MS, &f->conn), PCONN_OK);
+}
+
+static void teardown(fixture_t *f)
+{
+    pconn_conn_unref(f->conn);
+    pconn_free(f->pc);
+    pconn_rpc_server_stop(f->srv);
+    pconn_rpc_impls_free(f->impls);
+    rec_destroy(&f->rec);
+}
+
+/* ---- calls ---------------------------------------------------------------------- */
+
+static void test_echo_sizes(void)
+{
+    fixture_t f;
+    setup(&f);
+    const size_t sizes[] = {0, 1, 1024 * 1024};
+    for (size_t k = 0; k < 3; k++) {
+        size_t n = sizes[k];
+        unsigned char *req = malloc(n + 1);
+        for (size_t i = 0; i < n; i++)
+            req[i] = (unsigned char)(i * 7 + k);
+        pconn_buf_t resp;
+        pconn_error_t err;
+        CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, req, n, &resp, WAIT_MS, &err), PCONN_OK);
+        CU_ASSERT_EQUAL(resp.len, n);
+        CU_ASSERT(n == 0 || memcmp(resp.data, req, n) == 0);
+        pconn_buf_free(&resp);
+        free(req);
+    }
+    teardown(&f);
+}
+
+static void test_over_the_limit(void)
+{
+    fixture_t f;
+    setup(&f);
+    /* A request just over the limit is refused here, before anything is sent. */
+    size_t n = LIMIT - 1 - (8 + 4 + 2 + 4) + 1; /* payload = LIMIT + 1 */
+    char *req = calloc(1, n);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, req, n, &resp, WAIT_MS, &err), PCONN_ETOOBIG);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "over the limit of 2097152 bytes"));
+    /* Exactly at the limit passes. */
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, req, n - 1 - 13, &resp, WAIT_MS, &err), PCONN_OK);
+    pconn_buf_free(&resp);
+    free(req);
+    CU_ASSERT_FALSE(pconn_conn_is_closed(f.conn)); /* nothing went over the wire */
+
+    /* A response over the server's own limit: an error answer, the connection stays. */
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "bytes", 1, "3000000", 7, &resp, WAIT_MS, &err), PCONN_ETOOBIG);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "response of 3000000 bytes over the limit"));
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, "ok", 2, &resp, WAIT_MS, &err), PCONN_OK);
+    pconn_buf_free(&resp);
+    teardown(&f);
+}
+
+static void test_response_over_client_limit(void)
+{
+    /* The server allows 8 MiB, the client 2 MiB: the client refuses a 3 MB answer and
+     * closes the connection that sent it; the pconn connects again. */
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, 8 * 1024 * 1024);
+    const char *address = pconn_rpc_server_address(srv);
+    fixture_t f = {0};
+    f.rec = rec;
+    pconn_rpc_options_t o = client_options(&f, &address, 1);
+    o.base.on_event_arg = &rec;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "bytes", 1, "3000000", 7, &resp, WAIT_MS, &err), PCONN_ETOOBIG);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "frame of 3000013 bytes over the limit of 2097152 bytes"));
+    CU_ASSERT_EQUAL(pconn_conn_wait_closed(conn, WAIT_MS), PCONN_OK);
+    pconn_conn_unref(conn);
+    CU_ASSERT_NOT_EQUAL(rec_wait_kind(&rec, PCONN_EVENT_CONNECTED, 1, WAIT_MS), -1);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+}
+
+static void test_unimplemented_and_remote_error(void)
+{
+    fixture_t f;
+    setup(&f);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "nope", 1, "x", 1, &resp, WAIT_MS, &err), PCONN_EUNIMPLEMENTED);
+    CU_ASSERT_STRING_EQUAL(err.message, "no implementation of nope version 1");
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 2, "x", 1, &resp, WAIT_MS, &err), PCONN_EUNIMPLEMENTED);
+    CU_ASSERT_STRING_EQUAL(err.message, "no implementation of echo version 2");
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "fail", 1, "alice", 5, &resp, WAIT_MS, &err), PCONN_EREMOTE);
+    CU_ASSERT_STRING_EQUAL(err.message, "account alice is locked");
+    CU_ASSERT_EQUAL(err.code, PCONN_EREMOTE);
+    CU_ASSERT_PTR_NULL(resp.data);
+    /* Bad arguments. */
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "", 1, NULL, 0, &resp, WAIT_MS, &err), PCONN_EINVAL);
+    CU_ASSERT_EQUAL(pconn_rpc_call(NULL, "echo", 1, NULL, 0, &resp, WAIT_MS, &err), PCONN_EINVAL);
+    atomic_int destroyed = 0;
+    pconn_conn_t *other = fdless_conn_new(&destroyed);
+    CU_ASSERT_EQUAL(pconn_rpc_call(other, "echo", 1, NULL, 0, &resp, WAIT_MS, &err), PCONN_EINVAL);
+    pconn_conn_unref(other);
+    teardown(&f);
+}
+
+typedef struct caller_t {
+    pthread_t thread;
+    pconn_conn_t *conn;
+    int index, ok;
+} caller_t;
+
+static void *caller_main(void *arg)
+{
+    caller_t *c = arg;
+    for (int i = 0; i < 200; i++) {
+        char req[64];
+        int n = snprintf(req, sizeof req, "thread %d call %d", c->index, i);
+        pconn_buf_t resp;
+        if (pconn_rpc_call(c->conn, "echo", 1, req, (size_t)n, &resp, WAIT_MS, NULL) == PCONN_OK &&
+            resp.len == (size_t)n && memcmp(resp.data, req, (size_t)n) == 0)
+            c->ok++;
+        pconn_buf_free(&resp);
+    }
+    return NULL;
+}
+
+static void test_many_threads_one_connection(void)
+{
+    fixture_t f;
+    setup(&f);
+    caller_t c[16];
+    for (int i = 0; i < 16; i++) {
+        c[i] = (caller_t){.conn = f.conn, .index = i};
+        pthread_create(&c[i].thread, NULL, caller_main, &c[i]);
+    }
+    for (int i = 0; i < 16; i++) {
+        pthread_join(c[i].thread, NULL);
+        CU_ASSERT_EQUAL(c[i].ok, 200); /* every answer matched to its own call */
+    }
+    teardown(&f);
+}
+
+typedef struct slow_call_t {
+    pthread_t thread;
+    pconn_conn_t *conn;
+    int rc;
+    pconn_error_t err;
+} slow_call_t;
+
+static void *slow_main(void *arg)
+{
+    slow_call_t *s = arg;
+    pconn_buf_t resp;
+    s->rc = pconn_rpc_call(s->conn, "slow", 1, "s", 1, &resp, WAIT_MS, &s->err);
+    pconn_buf_free(&resp);
+    return NULL;
+}
+
+static void test_slow_handler_blocks_nobody(void)
+{
+    fixture_t f;
+    setup(&f);
+    gate_set(false);
+    slow_call_t s = {.conn = f.conn};
+    pthread_create(&s.thread, NULL, slow_main, &s);
+    gate_wait_inside(1);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, "fast", 4, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    gate_set(true);
+    pthread_join(s.thread, NULL);
+    CU_ASSERT_EQUAL(s.rc, PCONN_OK);
+    teardown(&f);
+}
+
+static void test_call_timeout(void)
+{
+    fixture_t f;
+    setup(&f);
+    gate_set(false);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "slow", 1, "s", 1, &resp, 50, &err), PCONN_ETIMEDOUT);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "slow version 1: no answer within 50 ms"));
+    gate_set(true); /* its late answer is dropped; the connection goes on */
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, "x", 1, &resp, WAIT_MS, &err), PCONN_OK);
+    pconn_buf_free(&resp);
+    teardown(&f);
+}
+
+static void *stop_main(void *srv)
+{
+    pconn_rpc_server_stop(srv);
+    return NULL;
+}
+
+static void test_server_stop_fails_calls_in_flight(void)
+{
+    fixture_t f;
+    setup(&f);
+    gate_set(false);
+    slow_call_t s[4];
+    for (int i = 0; i < 4; i++) {
+        s[i] = (slow_call_t){.conn = f.conn};
+        pthread_create(&s[i].thread, NULL, slow_main, &s[i]);
+    }
+    gate_wait_inside(4);
+    /* Stop waits for the handlers: open the gate from another thread only after the
+     * connections are closed, which is what the callers see. */
+    pconn_rpc_server_t *srv = f.srv;
+    f.srv = NULL;
+    CU_ASSERT_EQUAL(pconn_conn_wait_closed(f.conn, 0), PCONN_ETIMEDOUT);
+    pthread_t stopper;
+    pthread_create(&stopper, NULL, stop_main, srv);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(s[i].thread, NULL);
+        CU_ASSERT(s[i].rc == PCONN_EIO || s[i].rc == PCONN_ECLOSED);
+    }
+    gate_set(true);
+    pthread_join(stopper, NULL);
+    pconn_conn_unref(f.conn);
+    f.conn = NULL;
+    pconn_free(f.pc);
+    f.pc = NULL;
+    pconn_rpc_impls_free(f.impls);
+    rec_destroy(&f.rec);
+}
+
+static void test_server_calls_client(void)
+{
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, 0);
+    pconn_rpc_impls_t *mine = pconn_rpc_impls_new();
+    pconn_rpc_impls_add(mine, "client.hello", 1, h_client_hello, NULL);
+    const char *address = pconn_rpc_server_address(srv);
+    fixture_t f = {0};
+    pconn_rpc_options_t o = client_options(&f, &address, 1);
+    o.base.on_event_arg = &rec;
+    o.implementations = mine;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "ask_back", 1, "server", 6, &resp, WAIT_MS, &err), PCONN_OK);
+    CU_ASSERT_EQUAL(resp.len, 25);
+    CU_ASSERT(resp.len == 25 && memcmp(resp.data, "client said: hello server", 25) == 0);
+    pconn_buf_free(&resp);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    pconn_rpc_impls_free(mine);
+    rec_destroy(&rec);
+}
+
+static void test_dispatch_and_bind(void)
+{
+    fixture_t f;
+    setup(&f);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(f.pc, "echo", 1, "d", 1, &resp, WAIT_MS, &err), PCONN_OK);
+    pconn_buf_free(&resp);
+    teardown(&f);
+
+    /* Nothing listens: no connection within the timeout. */
+    char closed_port[64];
+    int lfd = pconn_tcp_listen("127.0.0.1:0", 1, &err);
+    pconn_tcp_local_address(lfd, closed_port, sizeof closed_port);
+    close(lfd);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {closed_port};
+    pconn_rpc_options_t o = client_options(&f, list, 1);
+    o.base.on_event_arg = &rec;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "d", 1, &resp, 100, &err), PCONN_ETIMEDOUT);
+    CU_ASSERT_STRING_EQUAL(err.message, "rpc: no connection within the timeout");
+    pconn_close(pc, WAIT_MS);
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "d", 1, &resp, 100, &err), PCONN_ECLOSED);
+    pconn_free(pc);
+    rec_destroy(&rec);
+
+    /* bind_address: the server sees the connection come from 127.0.0.2. */
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, 0);
+    const char *address = pconn_rpc_server_address(srv);
+    rec_init(&rec);
+    o = client_options(&f, &address, 1);
+    o.base.on_event_arg = &rec;
+    o.bind_address = "127.0.0.2";
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "whoami", 1, NULL, 0, &resp, WAIT_MS, &err), PCONN_OK);
+    CU_ASSERT(resp.len > 10 && memcmp(resp.data, "127.0.0.2:", 10) == 0);
+    pconn_buf_free(&resp);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+}
+
+/* A transport that counts the bytes it carries over plain sockets. */
+typedef struct counting_t {
+    atomic_long opened, read, written;
+} counting_t;
+static counting_t counts;
+
+static void *ct_open(void *arg, int fd, const char *address, int64_t timeout_ms, pconn_error_t *err)
+{
+    (void)address, (void)timeout_ms, (void)err;
+    atomic_fetch_add(&((counting_t *)arg)->opened, 1);
+    int *s = malloc(sizeof *s);
+    *s = fd;
+    return s;
+}
+static ssize_t ct_read(void *s, void *buf, size_t len)
+{
+    ssize_t n = recv(*(int *)s, buf, len, 0);
+    if (n > 0)
+        atomic_fetch_add(&counts.read, n);
+    return n;
+}
+static ssize_t ct_write(void *s, const void *buf, size_t len)
+{
+    ssize_t n = send(*(int *)s, buf, len, MSG_NOSIGNAL);
+    if (n > 0)
+        atomic_fetch_add(&counts.written, n);
+    return n;
+}
+static void ct_close(void *s)
+{
+    free(s);
+}
+
+static void test_transport(void)
+{
+    static const pconn_transport_t transport = {ct_open, ct_read, ct_write, NULL, ct_close, &counts};
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, 0);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t rec;
+    rec_init(&rec);
+    fixture_t f = {0};
+    pconn_rpc_options_t o = client_options(&f, &address, 1);
+    o.base.on_event_arg = &rec;
+    o.transport = &transport;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "12345", 5, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    CU_ASSERT_EQUAL(atomic_load(&counts.opened), 1);
+    /* HELLO (16) + QUERY (8 + 1 + 8 + 4 + 2 + 4 + 5) went through it, and back. */
+    CU_ASSERT_EQUAL(atomic_load(&counts.written), 16 + 32);
+    CU_ASSERT_EQUAL(atomic_load(&counts.read), 16 + 8 + 1 + 12 + 5);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+}
+
+static void test_200_clients(void)
+{
+    enum { N = 200 };
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, 0);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_t **pcs = calloc(N, sizeof *pcs);
+    for (int i = 0; i < N; i++) {
+        pconn_rpc_options_t o = {.base = {.server_name = "many",
+                                          .resolver = pconn_resolver_static(&address, 1),
+                                          .retry_delay = quick_retry}};
+        CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pcs[i]), PCONN_OK);
+    }
+    int ok = 0;
+    for (int i = 0; i < N; i++) {
+        pconn_buf_t resp;
+        char req[16];
+        int n = snprintf(req, sizeof req, "%d", i);
+        if (pconn_rpc_dispatch(pcs[i], "echo", 1, req, (size_t)n, &resp, WAIT_MS, NULL) == PCONN_OK &&
+            resp.len == (size_t)n && memcmp(resp.data, req, (size_t)n) == 0)
+            ok++;
+        pconn_buf_free(&resp);
+    }
+    CU_ASSERT_EQUAL(ok, N);
+    for (int i = 0; i < N; i++)
+        pconn_free(pcs[i]);
+    free(pcs);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
+/* ---- peers that break the protocol ---------------------------------------------- */
+
+static const unsigned char good_hello[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 0x50, 0x43, 0x4e, 0x31, 1, 0, 1};
+
+/* A fake server: accepts one connection and writes `script`. With a `tail` or
+ * `hang_up`, it then waits for the client's HELLO and the head of its first QUERY (a
+ * call is in flight), writes the tail, and hangs up if asked. */
+typedef struct fake_t {
+    int lfd, fd;
+    pthread_t thread;
+    const unsigned char *script, *tail;
+    size_t len, tail_len;
+    bool hang_up;
+    char address[64];
+} fake_t;
+
+static void *fake_main(void *arg)
+{
+    fake_t *f = arg;
+    f->fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (f->fd < 0)
+        return NULL;
+    if (f->len > 0)
+        (void)!send(f->fd, f->script, f->len, MSG_NOSIGNAL);
+    if (f->tail_len > 0 || f->hang_up) {
+        unsigned char in[16 + 9];
+        size_t got = 0;
+        ssize_t n;
+        while (got < sizeof in && (n = recv(f->fd, in + got, sizeof in - got, 0)) > 0)
+            got += (size_t)n;
+        if (f->tail_len > 0)
+            (void)!send(f->fd, f->tail, f->tail_len, MSG_NOSIGNAL);
+        if (f->hang_up)
+            shutdown(f->fd, SHUT_WR);
+    }
+    return NULL;
+}
+
+static void fake_start2(fake_t *f, const unsigned char *script, size_t len,
+                        const unsigned char *tail, size_t tail_len, bool hang_up)
+{
+    pconn_error_t err;
+    f->lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err);
+    pconn_tcp_local_address(f->lfd, f->address, sizeof f->address);
+    f->script = script;
+    f->len = len;
+    f->tail = tail;
+    f->tail_len = tail_len;
+    f->hang_up = hang_up;
+    f->fd = -1;
+    pthread_create(&f->thread, NULL, fake_main, f);
+}
+
+static void fake_start(fake_t *f, const unsigned char *script, size_t len, bool hang_up)
+{
+    fake_start2(f, script, len, NULL, 0, hang_up);
+}
+
+static void fake_stop(fake_t *f)
+{
+    shutdown(f->lfd, SHUT_RDWR);
+    pthread_join(f->thread, NULL);
+    if (f->fd >= 0)
+        close(f->fd);
+    close(f->lfd);
+}
+
+/* A client to one fake server: the first FAILED_TO_CONNECT's message, or the
+ * DISCONNECTED after a CONNECTED, whichever comes. */
+static void client_against(fake_t *fake, recorder_t *rec, pconn_t **pc, int64_t handshake_ms)
+{
+    const char *list[] = {fake->address};
+    pconn_rpc_options_t o = {.base = {.server_name = "rpc", .resolver = pconn_resolver_static(list, 1),
+                                      .on_event = rec_on_event, .on_event_arg = rec},
+                             .handshake_timeout_ms = handshake_ms};
+    CU_ASSERT_EQUAL(pconn_rpc_create(&o, pc), PCONN_OK);
+}
+
+static void test_wrong_magic(void)
+{
+    static const unsigned char bad[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 'H', 'T', 'T', 'P', 1, 0, 1};
+    fake_t fake;
+    fake_start(&fake, bad, sizeof bad, false);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_t *pc;
+    client_against(&fake, &rec, &pc, WAIT_MS);
+    int i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    rec_event_t e = rec_get(&rec, i);
+    CU_ASSERT_EQUAL(e.error.code, PCONN_EHANDSHAKE);
+    char want[200];
+    snprintf(want, sizeof want, "rpc %s: handshake: bad magic number 0x48545450 (want 0x50434e31)", fake.address);
+    CU_ASSERT_STRING_EQUAL(e.error.message, want);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    fake_stop(&fake);
+}
+
+static void test_no_common_version_and_silent_server(void)
+{
+    static const unsigned char v9[] = {0, 0, 0, 0, 0, 0, 0, 10, 1, 0x50, 0x43, 0x4e, 0x31, 2, 0, 9, 0, 7};
+    fake_t fake;
+    fake_start(&fake, v9, sizeof v9, false);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_t *pc;
+    client_against(&fake, &rec, &pc, WAIT_MS);
+    int i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(rec_get(&rec, i).error.message,
+                                  "no common protocol version: ours [1], theirs [9 7]"));
+    pconn_free(pc);
+    rec_destroy(&rec);
+    fake_stop(&fake);
+
+    /* A server that accepts and never speaks: the handshake timeout ends the attempt. */
+    fake_start(&fake, NULL, 0, false);
+    rec_init(&rec);
+    client_against(&fake, &rec, &pc, 200);
+    i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    CU_ASSERT_PTR_NOT_NULL(strstr(rec_get(&rec, i).error.message, "handshake timed out"));
+    pconn_free(pc);
+    rec_destroy(&rec);
+    fake_stop(&fake);
+}
+
+/* After a good HELLO, the fake server sends `tail`; the client must end the connection
+ * with the given words in the failing call's message. */
+static void after_hello(const unsigned char *tail, size_t tail_len, bool hang_up, int code, const char *why)
+{
+    fake_t fake;
+    fake_start2(&fake, good_hello, sizeof good_hello, tail, tail_len, hang_up);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_t *pc;
+    client_against(&fake, &rec, &pc, WAIT_MS);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, &err), code);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, why));
+    if (strstr(err.message, why) == NULL)
+        fprintf(stderr, "\n  got \"%s\", want \"%s\"\n", err.message, why);
+    CU_ASSERT_EQUAL(pconn_conn_wait_closed(conn, WAIT_MS), PCONN_OK);
+    CU_ASSERT_NOT_EQUAL(rec_wait_kind(&rec, PCONN_EVENT_DISCONNECTED, 0, WAIT_MS), -1);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    fake_stop(&fake);
+}
+
+static void test_bad_frames_from_server(void)
+{
+    /* A length of 2^63: refused by its length, nothing allocated; it claimed to be the
+     * answer to call 1, which learns why. */
+    static const unsigned char huge[] = {0x80, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 1};
+    after_hello(huge, sizeof huge, false, PCONN_ETOOBIG, "frame of 9223372036854775808 bytes over the limit of 104857600 bytes");
+    /* A truncated frame, then the peer goes. */
+    static const unsigned char truncated[] = {0, 0, 0, 0, 0, 0, 0, 40, 4, 0, 0};
+    after_hello(truncated, sizeof truncated, true, PCONN_EIO, "connection closed by peer");
+    /* An unknown frame type. */
+    static const unsigned char unknown[] = {0, 0, 0, 0, 0, 0, 0, 1, 77};
+    after_hello(unknown, sizeof unknown, false, PCONN_EIO, "protocol error: unknown frame type 77");
+    /* A zero length. */
+    static const unsigned char zero[] = {0, 0, 0, 0, 0, 0, 0, 0};
+    after_hello(zero, sizeof zero, false, PCONN_EIO, "protocol error: zero-length frame");
+    /* A second HELLO. */
+    after_hello(good_hello, sizeof good_hello, false, PCONN_EIO, "protocol error: HELLO after the handshake");
+    /* Nothing more: the peer just goes. */
+    after_hello(NULL, 0, true, PCONN_EIO, "connection closed by peer");
+}
+
+/* A raw client of the real server: connects, writes, reads everything until EOF. */
+static size_t raw_exchange(const char *address, const unsigned char *out, size_t out_len,
+                           unsigned char *in, size_t in_size)
+{
+    pconn_conn_t *c = NULL;
+    pconn_error_t err;
+    if (pconn_tcp_connect(NULL, address, &c, &err) != PCONN_OK)
+        return 0;
+    if (out_len > 0)
+        pconn_tcp_send_all(c, out, out_len, &err);
+    size_t got = 0;
+    ssize_t n;
+    while (got < in_size && (n = recv(pconn_tcp_fd(c), in + got, in_size - got, 0)) > 0)
+        got += (size_t)n;
+    pconn_conn_unref(c);
+    return got;
+}
+
+static void test_bad_frames_to_server(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .handshake_timeout_ms = 200};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    unsigned char in[512];
+
+    /* Silent: HELLO, then CLOSE with code 9 after the handshake timeout, then EOF. */
+    size_t n = raw_exchange(address, NULL, 0, in, sizeof in);
+    CU_ASSERT_FATAL(n > 16 + 13);
+    CU_ASSERT_EQUAL(memcmp(in, good_hello, 16), 0);
+    CU_ASSERT_EQUAL(in[16 + 8], 5);                      /* CLOSE */
+    CU_ASSERT_EQUAL(in[16 + 12], PCONN_EHANDSHAKE);      /* code, low byte */
+
+    /* Wrong magic: CLOSE 9 with the reason. */
+    static const unsigned char bad[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 'H', 'T', 'T', 'P', 1, 0, 1};
+    n = raw_exchange(address, bad, sizeof bad, in, sizeof in - 1);
+    in[n] = '\0';
+    CU_ASSERT(n > 16 + 13 && in[16 + 8] == 5 && in[16 + 12] == PCONN_EHANDSHAKE);
+    CU_ASSERT(n > 29 && memmem(in, n, "bad magic number 0x48545450", 27) != NULL);
+
+    /* A QUERY claiming 2^63 bytes: an error RESPONSE for its id, CLOSE 10, EOF. */
+    unsigned char huge[16 + 17];
+    memcpy(huge, good_hello, 16);
+    static const unsigned char q[] = {0x80, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 42};
+    memcpy(huge + 16, q, sizeof q);
+    n = raw_exchange(address, huge, sizeof huge, in, sizeof in);
+    CU_ASSERT_FATAL(n > 16 + 21);
+    CU_ASSERT_EQUAL(in[16 + 8], 4);  /* RESPONSE */
+    CU_ASSERT_EQUAL(in[16 + 16], 42); /* for id 42 */
+    CU_ASSERT_EQUAL(in[16 + 20], PCONN_ETOOBIG);
+    CU_ASSERT(memmem(in, n, "\x05\x00\x00\x00\x0a", 5) != NULL); /* CLOSE, code 10 */
+
+    /* The server is still fine for everyone else. */
+    fixture_t f = {0};
+    rec_init(&f.rec);
+    pconn_rpc_options_t o = client_options(&f, &address, 1);
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "x", 1, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    pconn_free(pc);
+    rec_destroy(&f.rec);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
+/* ---- servers in other processes: killed, stopped -------------------------------- */
+
+static int spawn_rpc_server(tproc_t *p, const char *name, char *address, size_t size)
+{
+    const char *argv[] = {"pconn", "rpc-serve", "127.0.0.1:0", "--name", name, NULL};
+    char line[256];
+    if (tproc_spawn(p, argv) != 0 || tproc_read_line(p, line, sizeof line) != 0 ||
+        strncmp(line, "listening on ", 13) != 0)
+        return -1;
+    snprintf(address, size, "%s", line + 13);
+    return 0;
+}
+
+typedef struct sleeper_t {
+    pthread_t thread;
+    pconn_conn_t *conn;
+    int rc;
+    int64_t took_ms;
+} sleeper_t;
+
+static void *sleeper_main(void *arg)
+{
+    sleeper_t *s = arg;
+    pconn_buf_t resp;
+    int64_t t0 = pconn_clock_now(NULL);
+    s->rc = pconn_rpc_call(s->conn, "sleep", 1, "60000", 5, &resp, 120000, NULL);
+    s->took_ms = (pconn_clock_now(NULL) - t0) / 1000000;
+    pconn_buf_free(&resp);
+    return NULL;
+}
+
+static void test_server_killed_calls_fail_and_failover(void)
+{
+    tproc_t a, b;
+    char addr_a[256], addr_b[256];
+    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&a, "A", addr_a, sizeof addr_a), 0);
+    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&b, "B", addr_b, sizeof addr_b), 0);
+    recorder_t rec;
+    rec_init(&rec);
+    fixture_t f = {0};
+    const char *list[] = {addr_a, addr_b};
+    pconn_rpc_options_t o = client_options(&f, list, 2);
+    o.base.on_event_arg = &rec;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(pconn_conn_address(conn), addr_a);
+
+    /* Four calls in flight, each for a minute; then A dies. */
+    sleeper_t s[4];
+    for (int i = 0; i < 4; i++) {
+        s[i] = (sleeper_t){.conn = conn};
+        pthread_create(&s[i].thread, NULL, sleeper_main, &s[i]);
+    }
+    /* Wait until A surely has them: a call after them on the same connection returns. */
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "name", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    tproc_signal(&a, SIGKILL);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(s[i].thread, NULL);
+        CU_ASSERT_EQUAL(s[i].rc, PCONN_EIO);
+        CU_ASSERT(s[i].took_ms < 60000); /* not the minute: at once */
+    }
+    pconn_conn_unref(conn);
+    /* The persistent connection moves to B. */
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "name", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_OK);
+    CU_ASSERT(resp.len == 1 && memcmp(resp.data, "B", 1) == 0);
+    pconn_buf_free(&resp);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    tproc_signal(&b, SIGKILL);
+}
+
+static void test_stopped_server_heartbeat(void)
+{
+    tproc_t a, b;
+    char addr_a[256], addr_b[256];
+    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&a, "A", addr_a, sizeof addr_a), 0);
+    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&b, "B", addr_b, sizeof addr_b), 0);
+    recorder_t rec;
+    rec_init(&rec);
+    fixture_t f = {0};
+    const char *list[] = {addr_a, addr_b};
+    pconn_rpc_options_t o = client_options(&f, list, 2);
+    o.base.on_event_arg = &rec;
+    o.heartbeat = (pconn_heartbeat_t){.timeout_ms = 300, .send_every_ms = 100};
+    o.handshake_timeout_ms = 300;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    int i = rec_wait_kind(&rec, PCONN_EVENT_CONNECTED, 0, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    CU_ASSERT_STRING_EQUAL(rec_get(&rec, i).address, addr_a);
+    /* The server hangs: its socket stays open, only heartbeats can tell. */
+    tproc_signal(&a, SIGSTOP);
+    int64_t t0 = pconn_clock_now(NULL);
+    CU_ASSERT_NOT_EQUAL(rec_wait_kind(&rec, PCONN_EVENT_DISCONNECTED, 0, WAIT_MS), -1);
+    fprintf(stderr, "[DISCONNECTED %.0f ms after SIGSTOP, heartbeat timeout 300 ms] ",
+            (double)(pconn_clock_now(NULL) - t0) / 1e6);
+    i = rec_wait_kind(&rec, PCONN_EVENT_CONNECTED, 1, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    CU_ASSERT_STRING_EQUAL(rec_get(&rec, i).address, addr_b);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    tproc_signal(&a, SIGKILL);
+    tproc_signal(&b, SIGKILL);
+}
+
+static void test_bad_options(void)
+{
+    pconn_t *pc = (pconn_t *)&counts;
+    CU_ASSERT_EQUAL(pconn_rpc_create(NULL, &pc), PCONN_EINVAL);
+    CU_ASSERT_PTR_NULL(pc);
+    pconn_rpc_options_t o = {.base = {.server_name = NULL, .resolver = pconn_resolver_static((const char *const[]){"a:1"}, 1)}};
+    CU_ASSERT_EQUAL(pconn_rpc_create(&o, &pc), PCONN_EINVAL);
+    pconn_rpc_server_t *srv = NULL;
+    pconn_error_t err;
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:99999"};
+    CU_ASSERT_EQUAL(pconn_rpc_server_start(&so, &srv, &err), PCONN_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "port 99999 outside 1-65535"));
+    CU_ASSERT_EQUAL(pconn_rpc_server_start(NULL, &srv, &err), PCONN_EINVAL);
+    pconn_rpc_server_stop(NULL);
+    pconn_buf_free(NULL);
+    pconn_rpc_impls_free(NULL);
+}
+
+static const test_def_t tests[] = {
+    {"echo_sizes", test_echo_sizes},
+    {"over_the_limit", test_over_the_limit},
+    {"response_over_client_limit", test_response_over_client_limit},
+    {"unimplemented_and_remote_error", test_unimplemented_and_remote_error},
+    {"many_threads_one_connection", test_many_threads_one_connection},
+    {"slow_handler_blocks_nobody", test_slow_handler_blocks_nobody},
+    {"call_timeout", test_call_timeout},
+    {"server_stop_fails_calls_in_flight", test_server_stop_fails_calls_in_flight},
+    {"server_calls_client", test_server_calls_client},
+    {"dispatch_and_bind", test_dispatch_and_bind},
+    {"transport", test_transport},
+    {"200_clients", test_200_clients},
+    {"wrong_magic", test_wrong_magic},
+    {"no_common_version_and_silent_server", test_no_common_version_and_silent_server},
+    {"bad_frames_from_server", test_bad_frames_from_server},
+    {"bad_frames_to_server", test_bad_frames_to_server},
+    {"server_killed_calls_fail_and_failover", test_server_killed_calls_fail_and_failover},
+    {"stopped_server_heartbeat", test_stopped_server_heartbeat},
+    {"bad_options", test_bad_options},
+    {NULL, NULL},
+};
+
+int main(int argc, char **argv)
+{
+    /* SIGPIPE keeps its default: a write of the library that raised it would end us. */
+    return run_suite("rpc", tests, argc, argv);
+}
