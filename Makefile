@@ -99,8 +99,10 @@ check: deps
 demo: deps
 	@$(MAKE) --no-print-directory $(B)/samples/demo $(B)/samples/pconn
 	@echo "== 1. failover between two local servers (static list)"
-	$(B)/samples/demo
-	@echo; echo "== 2. following a service catalog (a local etcd)"
+	$(B)/samples/demo tcp
+	@echo "== 2. RPC calls every 100 ms while the server in use hangs (heartbeats)"
+	$(B)/samples/demo rpc
+	@echo; echo "== 3. following a service catalog (a local etcd)"
 	samples/demo-catalog.sh $(B)
 
 bench-build: $(BENCH_BINS)

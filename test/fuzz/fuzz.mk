@@ -7,11 +7,15 @@ FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover
                 -std=c11 -D_GNU_SOURCE -Iinclude -Isrc -Iresolvers
 F := build/fuzz
 
-FUZZ_NAMES := fuzz_catalog
+FUZZ_NAMES := fuzz_catalog fuzz_frame
 
 $(F)/fuzz_catalog: test/fuzz/fuzz_catalog.c resolvers/catalog_parse.c src/address.c src/error.c
 	@mkdir -p $(F)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -ljansson
+
+$(F)/fuzz_frame: test/fuzz/fuzz_frame.c src/rpc_wire.c
+	@mkdir -p $(F)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^
 
 .PHONY: fuzz-build fuzz-run
 fuzz-build: $(addprefix $(F)/,$(FUZZ_NAMES))
