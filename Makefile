@@ -56,7 +56,7 @@ lib: $(B)/libpconn.a $(B)/$(SONAME) $(B)/pconn.pc
 deps:
 	@test/deps.sh
 
-$(B)/%.o: %.c $(HEADERS) src/internal.h $(wildcard test/*.h)
+$(B)/%.o: %.c $(HEADERS) $(wildcard src/*.h resolvers/*.h test/*.h test/bench/*.h)
 	@mkdir -p $(dir $@)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(CFLAGS) -fPIC -c $< -o $@
@@ -87,7 +87,7 @@ $(B)/samples/%: $(B)/samples/%.o $(B)/libpconn.a
 $(B)/bench/%: $(B)/test/bench/%.o $(TEST_COMMON) $(B)/libpconn.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK    $@"
-	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lm
+	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit -lzmq -lm
 
 tests: $(TEST_BINS) $(SAMPLES)
 

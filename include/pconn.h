@@ -7,7 +7,7 @@
  * Thread safety: every function here may be called from any thread, and from inside the
  * pconn's own callbacks, unless its comment says otherwise. The worker thread calls the
  * resolver, the connect function, retry_delay and on_event one at a time, in order, with
- * no library lock held.
+ * no library lock held, on a stack of 512 KiB: keep large buffers off it.
  *
  * Timeouts are int64_t milliseconds on CLOCK_MONOTONIC: PCONN_FOREVER (-1) waits without
  * end, 0 polls. Functions that can fail return PCONN_OK (0) or one of the codes below.

@@ -13,6 +13,14 @@
 #include <unistd.h>
 
 #define DEFAULT_RETRY_DELAY_MS 10000
+/* The worker's stack: its callbacks run on it. Enough for getaddrinfo, libcurl and
+ * ordinary user code, and thousands of pconns do not reserve 8 MiB each. Sanitizers
+ * need more, so they keep the default. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define WORKER_STACK 0
+#else
+#define WORKER_STACK (512 * 1024)
+#endif
 #define MAX_RETRY_DELAY_MS ((int64_t)1000 * 3600 * 24 * 365) /* a year: no overflow in ns */
 
 struct pconn_t {
@@ -226,10 +234,11 @@ static void run_connection_locked(pconn_t *pc, pconn_conn_t *conn, const char *a
     pc->current = NULL;
     pc->stats.disconnects++;
     pconn__mutex_unlock(&pc->mutex);
-    /* Our reference goes before DISCONNECTED: a holder that lets go of the connection
-     * when told sees it destroyed at once. */
-    pconn_conn_close(conn);
+    /* Unwatched first: our own close need not wake us. Our reference goes before
+     * DISCONNECTED: a holder that lets go of the connection when told sees it destroyed
+     * at once. */
     pconn__conn_watch(conn, -1);
+    pconn_conn_close(conn);
     pconn_conn_unref(conn);
     pconn__mutex_lock(&pc->mutex);
     emit_locked(pc, PCONN_EVENT_DISCONNECTED, address, NULL, NULL);
@@ -358,7 +367,14 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
     pc->wake_fd = pconn__wake_fd_new();
     if (pc->wake_fd < 0)
         goto fail_name;
-    if (pthread_mutex_init(&pc->mutex, NULL) != 0)
+    /* Adaptive: spins a little before sleeping, which is what the brief critical
+     * sections of pconn_current() and friends want under contention. */
+    pthread_mutexattr_t mattr;
+    pthread_mutexattr_init(&mattr);
+    pthread_mutexattr_settype(&mattr, PTHREAD_MUTEX_ADAPTIVE_NP);
+    int mrc = pthread_mutex_init(&pc->mutex, &mattr);
+    pthread_mutexattr_destroy(&mattr);
+    if (mrc != 0)
         goto fail_fd;
     if (pconn__cond_init(&pc->cond) != 0)
         goto fail_mutex;
@@ -385,7 +401,12 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int prc = pthread_create(&pc->worker, NULL, worker_main, pc);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    if (WORKER_STACK > 0)
+        pthread_attr_setstacksize(&attr, WORKER_STACK);
+    int prc = pthread_create(&pc->worker, &attr, worker_main, pc);
+    pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (prc != 0) {
         *out = NULL;

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -168,8 +169,7 @@ static int connect_one(const struct sockaddr *sa, socklen_t salen, int family,
         if (wait_connect_done(fd, deadline, address, ip, timeout_ms, err) != PCONN_OK)
             goto fail;
     }
-    int flags = fcntl(fd, F_GETFL);
-    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    if (fcntl(fd, F_SETFL, O_RDWR) != 0) { /* blocking again; it was made O_RDWR|O_NONBLOCK */
         pconn_error_set(err, PCONN_ECONNECT, errno, "connect %s: fcntl", address);
         goto fail;
     }
@@ -216,6 +216,14 @@ int pconn__tcp_connect_fd(const pconn_tcp_options_t *o, const char *address, pco
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     if (a.is_unix)
         return connect_unix(&a, o, deadline, timeout_ms, address, err);
+
+    /* A numeric address needs no resolver: getaddrinfo() costs more than the connect. */
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(a.port))};
+    struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6, .sin6_port = sin.sin_port};
+    if (inet_pton(AF_INET, a.host, &sin.sin_addr) == 1)
+        return connect_one((struct sockaddr *)&sin, sizeof sin, AF_INET, o, deadline, timeout_ms, address, err);
+    if (inet_pton(AF_INET6, a.host, &sin6.sin6_addr) == 1)
+        return connect_one((struct sockaddr *)&sin6, sizeof sin6, AF_INET6, o, deadline, timeout_ms, address, err);
 
     struct addrinfo hints = {.ai_family = AF_UNSPEC,
                              .ai_socktype = SOCK_STREAM,

@@ -7,6 +7,7 @@ have_header() { printf '#include <%s>\n' "$1" | ${CC:-cc} -E -x c - >/dev/null 2
 have_header curl/curl.h     || missing="$missing libcurl4-openssl-dev"
 have_header jansson.h       || missing="$missing libjansson-dev"
 have_header CUnit/CUnit.h   || missing="$missing libcunit1-dev"
+have_header zmq.h           || missing="$missing libzmq3-dev"    # the benchmarks' baseline
 command -v etcd >/dev/null  || missing="$missing etcd-server"
 command -v pkg-config >/dev/null || missing="$missing pkg-config"
 command -v clang >/dev/null || missing="$missing clang"

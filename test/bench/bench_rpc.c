@@ -1,0 +1,273 @@
+/* bench_rpc.c - RPC round trip and throughput against raw-socket ping-pong and ZeroMQ
+ * REQ/REP, all measured in this run on loopback. */
+#include "bench.h"
+#include "pconn_rpc.h"
+#include "pconn_tcp.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#define MSG 64
+#define ROUNDS 20000
+
+static int h_echo(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    return pconn_buf_append(resp, req, len);
+}
+
+/* ---- raw ping-pong: a thread echoing 64-byte messages over loopback TCP ----------- */
+
+static int recv_all(int fd, void *buf, size_t len)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void *raw_echo_main(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char buf[MSG];
+    while (recv_all(fd, buf, MSG) == 0)
+        if (send(fd, buf, MSG, MSG_NOSIGNAL) != MSG)
+            break;
+    close(fd);
+    return NULL;
+}
+
+/* A connected pair over loopback TCP, the far end echoed by a new thread. */
+static int raw_pair(pthread_t *echoer)
+{
+    pconn_error_t err;
+    int lfd = pconn_tcp_listen("127.0.0.1:0", 16, &err);
+    char address[64];
+    pconn_tcp_local_address(lfd, address, sizeof address);
+    pconn_conn_t *c = NULL;
+    pconn_tcp_options_t o = {.nodelay = true};
+    pconn_tcp_connect(&o, address, &c, &err);
+    int fd = dup(pconn_tcp_fd(c));
+    pconn_conn_unref(c);
+    int a = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    int one = 1;
+    setsockopt(a, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    close(lfd);
+    pthread_create(echoer, NULL, raw_echo_main, (void *)(intptr_t)a);
+    return fd;
+}
+
+static void raw_roundtrips(int fd, int64_t *t, int n)
+{
+    char buf[MSG] = {0};
+    for (int i = 0; i < n; i++) {
+        int64_t t0 = bench_now_ns();
+        send(fd, buf, MSG, MSG_NOSIGNAL);
+        recv_all(fd, buf, MSG);
+        t[i] = bench_now_ns() - t0;
+    }
+}
+
+/* ---- zeromq REQ/REP --------------------------------------------------------------- */
+
+static void *zmq_rep_main(void *arg)
+{
+    void *rep = arg;
+    char buf[MSG];
+    for (;;) {
+        int n = zmq_recv(rep, buf, sizeof buf, 0);
+        if (n < 0 || zmq_send(rep, buf, (size_t)n, 0) < 0)
+            break;
+    }
+    return NULL;
+}
+
+static double zmq_median(int n)
+{
+    void *ctx = zmq_ctx_new();
+    void *rep = zmq_socket(ctx, ZMQ_REP), *req = zmq_socket(ctx, ZMQ_REQ);
+    zmq_bind(rep, "tcp://127.0.0.1:*");
+    char endpoint[128];
+    size_t len = sizeof endpoint;
+    zmq_getsockopt(rep, ZMQ_LAST_ENDPOINT, endpoint, &len);
+    zmq_connect(req, endpoint);
+    pthread_t t;
+    pthread_create(&t, NULL, zmq_rep_main, rep);
+    int64_t *lat = calloc((size_t)n, sizeof *lat);
+    char buf[MSG] = {0};
+    for (int i = 0; i < n; i++) {
+        int64_t t0 = bench_now_ns();
+        zmq_send(req, buf, MSG, 0);
+        zmq_recv(req, buf, MSG, 0);
+        lat[i] = bench_now_ns() - t0;
+    }
+    double m = bench_percentile(lat, (size_t)n, 50);
+    free(lat);
+    zmq_close(req);
+    zmq_ctx_shutdown(ctx); /* the REP thread's recv fails: it ends */
+    pthread_join(t, NULL);
+    zmq_close(rep);
+    zmq_ctx_term(ctx);
+    return m;
+}
+
+/* ---- libpconn ------------------------------------------------------------------- */
+
+typedef struct rig_t {
+    pconn_rpc_impls_t *impls;
+    pconn_rpc_server_t *srv;
+    pconn_t *pc;
+    pconn_conn_t *conn;
+} rig_t;
+
+static void rig_up(rig_t *r)
+{
+    r->impls = pconn_rpc_impls_new();
+    pconn_rpc_impls_add(r->impls, "echo", 1, h_echo, NULL);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = r->impls};
+    pconn_rpc_server_start(&so, &r->srv, NULL);
+    const char *address = pconn_rpc_server_address(r->srv);
+    pconn_rpc_options_t o = {.base = {.server_name = "bench", .resolver = pconn_resolver_static(&address, 1)}};
+    pconn_rpc_create(&o, &r->pc);
+    pconn_connected(r->pc, 10000, &r->conn);
+}
+
+static void rig_down(rig_t *r)
+{
+    pconn_conn_unref(r->conn);
+    pconn_free(r->pc);
+    pconn_rpc_server_stop(r->srv);
+    pconn_rpc_impls_free(r->impls);
+}
+
+static void bench_roundtrip(void)
+{
+    rig_t r;
+    rig_up(&r);
+    char req[MSG] = {0};
+    int64_t *lat = calloc(ROUNDS, sizeof *lat);
+    for (int i = 0; i < ROUNDS; i++) {
+        pconn_buf_t resp;
+        int64_t t0 = bench_now_ns();
+        pconn_rpc_call(r.conn, "echo", 1, req, MSG, &resp, 10000, NULL);
+        lat[i] = bench_now_ns() - t0;
+        pconn_buf_free(&resp);
+    }
+    double med = bench_percentile(lat, ROUNDS, 50), p99 = bench_percentile(lat, ROUNDS, 99);
+    rig_down(&r);
+
+    pthread_t echoer;
+    int fd = raw_pair(&echoer);
+    raw_roundtrips(fd, lat, ROUNDS);
+    shutdown(fd, SHUT_RDWR);
+    close(fd);
+    pthread_join(echoer, NULL);
+    double raw_med = bench_percentile(lat, ROUNDS, 50), raw_p99 = bench_percentile(lat, ROUNDS, 99);
+    free(lat);
+    double zmq = zmq_median(ROUNDS);
+
+    bench_report("rpc_roundtrip_median", med / 1000, "us", raw_med / 1000,
+                 "ratio <= 1.5 (vs raw socket ping-pong)", med <= 1.5 * raw_med);
+    bench_report("rpc_roundtrip_p99", p99 / 1000, "us", raw_p99 / 1000, "(reported)", true);
+    bench_report("rpc_roundtrip_vs_zeromq", med / 1000, "us", zmq / 1000,
+                 "ratio <= 1 (vs ZeroMQ REQ/REP)", med <= zmq);
+}
+
+typedef struct worker_t {
+    pthread_t thread;
+    pconn_conn_t *conn; /* rpc */
+    int fd;             /* raw */
+    int64_t until_ns;
+    uint64_t calls;
+} worker_t;
+
+static void *rpc_worker(void *arg)
+{
+    worker_t *w = arg;
+    char req[MSG] = {0};
+    while (bench_now_ns() < w->until_ns) {
+        pconn_buf_t resp;
+        if (pconn_rpc_call(w->conn, "echo", 1, req, MSG, &resp, 10000, NULL) == PCONN_OK)
+            w->calls++;
+        pconn_buf_free(&resp);
+    }
+    return NULL;
+}
+
+static void *raw_worker(void *arg)
+{
+    worker_t *w = arg;
+    char buf[MSG] = {0};
+    while (bench_now_ns() < w->until_ns) {
+        if (send(w->fd, buf, MSG, MSG_NOSIGNAL) != MSG || recv_all(w->fd, buf, MSG) != 0)
+            break;
+        w->calls++;
+    }
+    return NULL;
+}
+
+static void bench_throughput(void)
+{
+    enum { T = 16, SECONDS = 5 };
+    rig_t r;
+    rig_up(&r);
+    worker_t w[T];
+    int64_t t0 = bench_now_ns();
+    for (int i = 0; i < T; i++) {
+        w[i] = (worker_t){.conn = r.conn, .until_ns = t0 + (int64_t)SECONDS * 1000000000};
+        pthread_create(&w[i].thread, NULL, rpc_worker, &w[i]);
+    }
+    uint64_t calls = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(w[i].thread, NULL);
+        calls += w[i].calls;
+    }
+    double rate = (double)calls / ((double)(bench_now_ns() - t0) / 1e9);
+    rig_down(&r);
+
+    pthread_t echoers[T];
+    t0 = bench_now_ns();
+    for (int i = 0; i < T; i++) {
+        w[i] = (worker_t){.fd = raw_pair(&echoers[i]), .until_ns = t0 + (int64_t)SECONDS * 1000000000};
+    }
+    t0 = bench_now_ns();
+    for (int i = 0; i < T; i++) {
+        w[i].until_ns = t0 + (int64_t)SECONDS * 1000000000;
+        pthread_create(&w[i].thread, NULL, raw_worker, &w[i]);
+    }
+    calls = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(w[i].thread, NULL);
+        calls += w[i].calls;
+    }
+    double raw_rate = (double)calls / ((double)(bench_now_ns() - t0) / 1e9);
+    for (int i = 0; i < T; i++) {
+        shutdown(w[i].fd, SHUT_RDWR);
+        close(w[i].fd);
+        pthread_join(echoers[i], NULL);
+    }
+    bench_report("rpc_throughput_16_threads", rate, "calls/s", raw_rate,
+                 "ratio >= 0.8 (vs 16 raw ping-pongs)", rate >= 0.8 * raw_rate);
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    const char *only = argc > 1 ? argv[1] : "";
+    if (!*only || strcmp(only, "roundtrip") == 0)
+        bench_roundtrip();
+    if (!*only || strcmp(only, "throughput") == 0)
+        bench_throughput();
+    return 0;
+}
