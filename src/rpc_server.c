@@ -36,9 +36,10 @@ struct pconn_rpc_server_t {
     int64_t handshake_ms;
     char address[PCONN_ADDRESS_MAX];
     pthread_mutex_t mutex;
-    pthread_cond_t cond;  /* greeters finished */
+    pthread_cond_t cond;  /* greeters or readers finished */
     entry_t *conns;
     int greeters;         /* handshakes under way */
+    int readers;          /* connection readers still running: they call back into us */
     bool stopping;
 };
 
@@ -68,9 +69,15 @@ static void free_entries(entry_t *e)
     }
 }
 
+/* A connection's reader, as its last act. After the unlock it touches srv no more. */
 static void reader_exited(void *arg)
 {
-    pconn__wake(((pconn_rpc_server_t *)arg)->wake_fd); /* the acceptor reaps it */
+    pconn_rpc_server_t *srv = arg;
+    pconn__mutex_lock(&srv->mutex);
+    srv->readers--;
+    pthread_cond_broadcast(&srv->cond);
+    pconn__wake(srv->wake_fd); /* the acceptor reaps it */
+    pconn__mutex_unlock(&srv->mutex);
 }
 
 /* Handshakes one accepted connection, then keeps it (its reader runs on). */
@@ -81,9 +88,15 @@ static void *greet_main(void *arg)
     pconn_conn_t *conn = NULL;
     pconn_error_t err;
     int64_t deadline = pconn__deadline_ns(srv->handshake_ms);
+    /* Counted before its reader can start, so that stop waits for it. */
+    pconn__mutex_lock(&srv->mutex);
+    srv->readers++;
+    pconn__mutex_unlock(&srv->mutex);
     int rc = pconn__rpc_conn_open(g->fd, g->address, &srv->cfg, deadline, reader_exited, srv, &conn, &err);
     entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
     pconn__mutex_lock(&srv->mutex);
+    if (rc != PCONN_OK)
+        srv->readers--; /* no reader was started */
     if (e != NULL && !srv->stopping) {
         e->conn = conn;
         e->next = srv->conns;
@@ -240,6 +253,11 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     srv->conns = NULL;
     pconn__mutex_unlock(&srv->mutex);
     free_entries(all);
+    /* Every connection is closed: their readers end; wait until none can call us. */
+    pconn__mutex_lock(&srv->mutex);
+    while (srv->readers > 0)
+        pthread_cond_wait(&srv->cond, &srv->mutex);
+    pconn__mutex_unlock(&srv->mutex);
     pconn__rpc_pool_free(srv->cfg.pool); /* waits for running handlers */
     close(srv->wake_fd);
     pthread_cond_destroy(&srv->cond);
