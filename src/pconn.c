@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/random.h>
 #include <unistd.h>
 
@@ -49,6 +50,10 @@ struct pconn_t {
     bool finished;         /* the worker will call nothing more */
     bool self_free;        /* pconn_free() came from a callback: the worker frees */
     pconn_conn_t *current; /* from a successful connect until DISCONNECTED */
+    /* The fast path's copy of current, under its own spinlock: pconn_current() takes no
+     * mutex. Written under both locks (mutex first), NULL once close starts. */
+    atomic_int cur_spin;
+    pconn_conn_t *cur_fast;
     uint64_t fail_gen;     /* counts failed attempts, for pconn_connected_or_failed() */
     pconn_error_t last_fail;
     bool aborted;
@@ -70,6 +75,32 @@ bool pconn__cancelled(void)
 }
 
 /* ---- small helpers --------------------------------------------------------------- */
+
+/* The critical sections under cur_spin are a few instructions; yield if we keep losing
+ * (the holder was preempted). */
+static void cur_lock(pconn_t *pc)
+{
+    while (atomic_exchange_explicit(&pc->cur_spin, 1, memory_order_acquire) != 0) {
+        for (int i = 0; atomic_load_explicit(&pc->cur_spin, memory_order_relaxed) != 0; i++) {
+            if (i >= 100) {
+                sched_yield();
+                i = 0;
+            }
+        }
+    }
+}
+
+static void cur_unlock(pconn_t *pc)
+{
+    atomic_store_explicit(&pc->cur_spin, 0, memory_order_release);
+}
+
+static void set_fast_current_locked(pconn_t *pc, pconn_conn_t *c)
+{
+    cur_lock(pc);
+    pc->cur_fast = c;
+    cur_unlock(pc);
+}
 
 static uint64_t rng_next(uint64_t *state) /* splitmix64 */
 {
@@ -109,6 +140,7 @@ static void start_close_locked(pconn_t *pc)
     if (atomic_load(&pc->closing))
         return;
     atomic_store(&pc->closing, true);
+    set_fast_current_locked(pc, NULL);
     pthread_cond_broadcast(&pc->cond);
     pconn__wake(pc->wake_fd);
 }
@@ -218,6 +250,8 @@ static void run_connection_locked(pconn_t *pc, pconn_conn_t *conn, const char *a
     pconn__conn_set_address(conn, address);
     pconn__conn_watch(conn, pc->wake_fd);
     pc->current = conn;
+    if (!closing(pc))
+        set_fast_current_locked(pc, conn);
     pc->stats.connects++;
     set_state_locked(pc, PCONN_STATE_CONNECTED);
     pthread_cond_broadcast(&pc->cond);
@@ -232,6 +266,7 @@ static void run_connection_locked(pconn_t *pc, pconn_conn_t *conn, const char *a
     wait_conn_end_locked(pc, conn, fd);
 
     pc->current = NULL;
+    set_fast_current_locked(pc, NULL);
     pc->stats.disconnects++;
     pconn__mutex_unlock(&pc->mutex);
     /* Unwatched first: our own close need not wake us. Our reference goes before
@@ -392,6 +427,7 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
     if (pc->rng == 0 && getrandom(&pc->rng, sizeof pc->rng, 0) != sizeof pc->rng)
         pc->rng = (uint64_t)pconn__mono_ns() ^ (uint64_t)(uintptr_t)pc;
     atomic_init(&pc->closing, false);
+    atomic_init(&pc->cur_spin, 0);
     pc->stats.state = PCONN_STATE_CONNECTING;
     pc->stats.state_since_ns = now_ns(pc);
 
@@ -493,13 +529,13 @@ int pconn_connected_or_failed(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **co
 
 pconn_conn_t *pconn_current(pconn_t *pc)
 {
-    pconn_conn_t *c = NULL;
-    pconn__mutex_lock(&pc->mutex);
-    if (pc->current != NULL && !pconn_conn_is_closed(pc->current) && !closing(pc)) {
-        c = pc->current;
+    cur_lock(pc);
+    pconn_conn_t *c = pc->cur_fast;
+    if (c != NULL && !pconn_conn_is_closed(c))
         pconn_conn_ref(c);
-    }
-    pconn__mutex_unlock(&pc->mutex);
+    else
+        c = NULL;
+    cur_unlock(pc);
     return c;
 }
 
