@@ -211,7 +211,7 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
         return PCONN_ENOMEM;
     }
     int rc = register_instance(a, err);
-    if (rc == PCONN_OK && pthread_create(&a->thread, NULL, announce_main, a) != 0) {
+    if (rc == PCONN_OK && pconn__thread_start(&a->thread, announce_main, a, 0, false) != 0) {
         revoke(a);
         rc = PCONN_ENOMEM;
         pconn_error_set(err, rc, EAGAIN, "pconn_announce_start: thread");

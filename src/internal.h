@@ -25,6 +25,12 @@ PCONN_HIDDEN int64_t pconn__deadline_ns(int64_t timeout_ms);
 /* Milliseconds left until deadline_ns for poll(): -1 for none, 0 when passed. */
 PCONN_HIDDEN int pconn__poll_timeout_ms(int64_t deadline_ns);
 
+/* Starts a library thread with every signal blocked (the program's handlers run on its
+ * own threads), a stack of stack bytes (0: the default), detached or joinable. 0, or
+ * the error of pthread_create(). */
+PCONN_HIDDEN int pconn__thread_start(pthread_t *t, void *(*fn)(void *), void *arg, size_t stack,
+                                     bool detached);
+
 /* Wake descriptors: an eventfd that stays readable until drained. */
 PCONN_HIDDEN int pconn__wake_fd_new(void);
 PCONN_HIDDEN void pconn__wake(int fd);

@@ -5,7 +5,6 @@
 
 #include <errno.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -433,18 +432,7 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
 
     /* Set before the worker starts, so its first callback can already use *out. */
     *out = pc;
-    /* The worker blocks every signal: the program's handlers run on its own threads. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    if (WORKER_STACK > 0)
-        pthread_attr_setstacksize(&attr, WORKER_STACK);
-    int prc = pthread_create(&pc->worker, &attr, worker_main, pc);
-    pthread_attr_destroy(&attr);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (prc != 0) {
+    if (pconn__thread_start(&pc->worker, worker_main, pc, WORKER_STACK, false) != 0) {
         *out = NULL;
         goto fail_cond;
     }

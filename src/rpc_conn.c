@@ -5,7 +5,6 @@
 
 #include <errno.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -638,15 +637,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         rc = handshake(c, err);
     c->handshake_deadline_ns = 0;
     if (rc == PCONN_OK) {
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, READER_STACK);
-        sigset_t all, old;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        c->reader_started = pthread_create(&c->reader, &attr, reader_main, c) == 0;
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        pthread_attr_destroy(&attr);
+        c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
         if (!c->reader_started) {
             pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "rpc %s: reader thread", address);
             rc = PCONN_ENOMEM;

@@ -3,7 +3,6 @@
 #include "rpc.h"
 
 #include <errno.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -180,16 +179,8 @@ int pconn__rpc_pool_submit(rpc_pool_t *p, void (*fn)(void *), void *arg)
     /* Grow when no thread is free to take it: a slow handler must not hold up others. */
     if (p->waiting == 0 && p->threads < p->max) {
         pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        sigset_t all, old;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        if (pthread_create(&t, &attr, pool_main, p) == 0)
+        if (pconn__thread_start(&t, pool_main, p, 0, true) == 0)
             p->threads++;
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        pthread_attr_destroy(&attr);
     }
     bool orphan = p->threads == 0; /* could not start any thread */
     if (!orphan)

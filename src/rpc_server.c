@@ -7,7 +7,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -158,21 +157,16 @@ static void *accept_main(void *arg)
         else
             snprintf(g->address, sizeof g->address, "a unix peer");
         pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 256 * 1024);
         pconn__mutex_lock(&srv->mutex);
         srv->greeters++;
         pconn__mutex_unlock(&srv->mutex);
-        if (pthread_create(&t, &attr, greet_main, g) != 0) {
+        if (pconn__thread_start(&t, greet_main, g, 256 * 1024, true) != 0) {
             pconn__mutex_lock(&srv->mutex);
             srv->greeters--;
             pconn__mutex_unlock(&srv->mutex);
             close(fd);
             free(g);
         }
-        pthread_attr_destroy(&attr);
     }
     return NULL;
 }
@@ -208,11 +202,9 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
     pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat, NULL);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int prc = srv->wake_fd >= 0 && srv->cfg.pool != NULL ? pthread_create(&srv->acceptor, NULL, accept_main, srv) : -1;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int prc = srv->wake_fd >= 0 && srv->cfg.pool != NULL
+                  ? pconn__thread_start(&srv->acceptor, accept_main, srv, 0, false)
+                  : -1;
     if (prc != 0) {
         pconn__rpc_pool_free(srv->cfg.pool);
         if (srv->wake_fd >= 0)

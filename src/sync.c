@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -74,6 +75,24 @@ int pconn__cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, int64_t deadli
     }
     if (rc != 0 && rc != ETIMEDOUT)
         abort();
+    return rc;
+}
+
+int pconn__thread_start(pthread_t *t, void *(*fn)(void *), void *arg, size_t stack, bool detached)
+{
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0)
+        return EAGAIN;
+    if (stack > 0)
+        pthread_attr_setstacksize(&attr, stack);
+    if (detached)
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the new thread inherits the mask */
+    int rc = pthread_create(t, &attr, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
     return rc;
 }
 

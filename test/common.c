@@ -15,27 +15,27 @@
 #include <time.h>
 #include <unistd.h>
 
-static int64_t deadline_of(int64_t timeout_ms)
+void test_cond_init(pthread_cond_t *c)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(c, &a);
+    pthread_condattr_destroy(&a);
+}
+
+struct timespec test_deadline(int64_t timeout_ms)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + timeout_ms * 1000000;
-}
-
-static int wait_until(pthread_cond_t *c, pthread_mutex_t *m, int64_t deadline)
-{
-    struct timespec ts = {.tv_sec = deadline / 1000000000, .tv_nsec = deadline % 1000000000};
-    return pthread_cond_timedwait(c, m, &ts);
+    int64_t ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + timeout_ms * 1000000;
+    return (struct timespec){.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
 }
 
 void rec_init(recorder_t *r)
 {
     memset(r, 0, sizeof *r);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&r->cond, &a);
-    pthread_condattr_destroy(&a);
+    test_cond_init(&r->cond);
     pthread_mutex_init(&r->mutex, NULL);
 }
 
@@ -67,9 +67,9 @@ void rec_on_event(const pconn_event_t *ev, void *arg)
 
 int rec_wait(recorder_t *r, int n, int64_t timeout_ms)
 {
-    int64_t deadline = deadline_of(timeout_ms);
+    struct timespec deadline = test_deadline(timeout_ms);
     pthread_mutex_lock(&r->mutex);
-    while (r->n < n && wait_until(&r->cond, &r->mutex, deadline) == 0)
+    while (r->n < n && pthread_cond_timedwait(&r->cond, &r->mutex, &deadline) == 0)
         ;
     int got = r->n;
     pthread_mutex_unlock(&r->mutex);
@@ -78,7 +78,7 @@ int rec_wait(recorder_t *r, int n, int64_t timeout_ms)
 
 int rec_wait_kind(recorder_t *r, pconn_event_kind_t kind, int k, int64_t timeout_ms)
 {
-    int64_t deadline = deadline_of(timeout_ms);
+    struct timespec deadline = test_deadline(timeout_ms);
     int found = -1;
     pthread_mutex_lock(&r->mutex);
     for (;;) {
@@ -89,7 +89,7 @@ int rec_wait_kind(recorder_t *r, pconn_event_kind_t kind, int k, int64_t timeout
                 break;
             }
         }
-        if (found >= 0 || wait_until(&r->cond, &r->mutex, deadline) != 0)
+        if (found >= 0 || pthread_cond_timedwait(&r->cond, &r->mutex, &deadline) != 0)
             break;
     }
     pthread_mutex_unlock(&r->mutex);
@@ -257,8 +257,23 @@ int tproc_read_line(tproc_t *p, char *buf, size_t size)
     return 0;
 }
 
+int tproc_spawn_server(tproc_t *p, const char *const *argv, char *address, size_t size)
+{
+    char line[PCONN_ADDRESS_MAX + 32];
+    if (tproc_spawn(p, argv) != 0)
+        return -1;
+    if (tproc_read_line(p, line, sizeof line) != 0 || strncmp(line, "listening on ", 13) != 0) {
+        tproc_signal(p, SIGKILL);
+        return -1;
+    }
+    snprintf(address, size, "%s", line + 13);
+    return 0;
+}
+
 void tproc_signal(tproc_t *p, int sig)
 {
+    if (p->pid <= 0)
+        return; /* reaped already: kill(0) would signal our whole process group */
     kill(p->pid, sig);
     if (sig == SIGKILL)
         tproc_wait(p);

@@ -50,6 +50,11 @@ pconn_conn_t *fdless_conn_new(atomic_int *destroyed);
 
 int count_open_fds(void);
 
+/* A condition variable that waits on CLOCK_MONOTONIC. */
+void test_cond_init(pthread_cond_t *c);
+/* The CLOCK_MONOTONIC time timeout_ms from now, for pthread_cond_timedwait(). */
+struct timespec test_deadline(int64_t timeout_ms);
+
 /* The build directory the tests run from (PCONN_TEST_BUILD), for the sample programs. */
 const char *test_build_dir(void);
 
@@ -62,6 +67,9 @@ typedef struct tproc_t {
 int tproc_spawn(tproc_t *p, const char *const *argv);
 /* Reads one line of its output into buf, without the newline; 0, or -1 at its end. */
 int tproc_read_line(tproc_t *p, char *buf, size_t size);
+/* Spawns a `pconn serve`/`pconn rpc-serve` command line and reads its first line,
+ * "listening on ADDRESS", into address. 0 or -1. */
+int tproc_spawn_server(tproc_t *p, const char *const *argv, char *address, size_t size);
 /* Sends sig; with SIGKILL also reaps it and closes its output. */
 void tproc_signal(tproc_t *p, int sig);
 /* Waits for it to end; its exit status, or -1 when killed by a signal. */

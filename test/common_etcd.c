@@ -1,6 +1,8 @@
 /* common_etcd.c - see common_etcd.h. */
 #include "common_etcd.h"
 
+#include "common.h"
+
 #include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -120,9 +122,7 @@ static int launch(tetcd_t *e)
     r->pipe_fd = fds[0];
     pthread_create(&e->reader, NULL, log_main, r);
 
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += 30;
+    struct timespec ts = test_deadline(30000);
     pthread_mutex_lock(&e->mutex);
     while (!e->ready && !e->exited && pthread_cond_timedwait(&e->cond, &e->mutex, &ts) == 0)
         ;
@@ -141,11 +141,7 @@ int tetcd_start(tetcd_t *e)
     static int counter;
     memset(e, 0, sizeof *e);
     pthread_mutex_init(&e->mutex, NULL);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&e->cond, &a);
-    pthread_condattr_destroy(&a);
+    test_cond_init(&e->cond);
     e->client_port = free_port();
     e->peer_port = free_port();
     snprintf(e->url, sizeof e->url, "http://127.0.0.1:%d", e->client_port);

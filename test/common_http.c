@@ -1,6 +1,8 @@
 /* common_http.c - see common_http.h. */
 #include "common_http.h"
 
+#include "common.h"
+
 #include "pconn_tcp.h"
 
 #include <errno.h>
@@ -145,11 +147,7 @@ int thttp_start(thttp_t *h, http_mode_t mode, int status, const char *body)
     snprintf(h->url, sizeof h->url, "http://%s", address);
     h->wake_fd = eventfd(0, EFD_CLOEXEC);
     pthread_mutex_init(&h->mutex, NULL);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&h->cond, &a);
-    pthread_condattr_destroy(&a);
+    test_cond_init(&h->cond);
     thttp_set(h, mode, status, body);
     pthread_create(&h->thread, NULL, http_main, h);
     return 0;
@@ -182,14 +180,7 @@ int thttp_connections(thttp_t *h)
 
 int thttp_wait_requests(thttp_t *h, int n, int timeout_ms)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    struct timespec ts = test_deadline(timeout_ms);
     pthread_mutex_lock(&h->mutex);
     while (h->requests < n && pthread_cond_timedwait(&h->cond, &h->mutex, &ts) == 0)
         ;

@@ -1,6 +1,8 @@
 /* common_server.c - see common_server.h. */
 #include "common_server.h"
 
+#include "common.h"
+
 #include "pconn_tcp.h"
 
 #include <errno.h>
@@ -86,11 +88,7 @@ int tserver_start(tserver_t *s, const char *listen_address, server_mode_t mode)
     pconn_tcp_local_address(s->lfd, s->address, sizeof s->address);
     s->wake_fd = eventfd(0, EFD_CLOEXEC);
     pthread_mutex_init(&s->mutex, NULL);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&s->cond, &a);
-    pthread_condattr_destroy(&a);
+    test_cond_init(&s->cond);
     pthread_create(&s->thread, NULL, server_main, s);
     return 0;
 }
@@ -103,14 +101,7 @@ static void wake(tserver_t *s)
 
 int tserver_wait_accepted(tserver_t *s, int n, int timeout_ms)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    struct timespec ts = test_deadline(timeout_ms);
     pthread_mutex_lock(&s->mutex);
     while (s->accepted < n && pthread_cond_timedwait(&s->cond, &s->mutex, &ts) == 0)
         ;

@@ -330,12 +330,7 @@ static int spawn_server(tproc_t *p, const char *name, const char *key, char *add
 {
     const char *argv[] = {"pconn", "serve", "127.0.0.1:0", "--name", name, "--announce",
                           etcd.url, key, "--ttl", "2", NULL};
-    char line[256];
-    if (tproc_spawn(p, argv) != 0 || tproc_read_line(p, line, sizeof line) != 0 ||
-        strncmp(line, "listening on ", 13) != 0)
-        return -1;
-    snprintf(address, size, "%s", line + 13);
-    return 0;
+    return tproc_spawn_server(p, argv, address, size);
 }
 
 static int64_t short_delay(void *arg, unsigned failures)

@@ -157,13 +157,13 @@ static int64_t quick_retry(void *arg, unsigned failures)
     return 50;
 }
 
-static pconn_rpc_options_t client_options(fixture_t *f, const char *const *addresses, size_t n)
+static pconn_rpc_options_t client_options(recorder_t *rec, const char *const *addresses, size_t n)
 {
     pconn_rpc_options_t o = {
         .base = {.server_name = "rpc",
                  .resolver = pconn_resolver_static(addresses, n),
                  .on_event = rec_on_event,
-                 .on_event_arg = &f->rec,
+                 .on_event_arg = rec,
                  .retry_delay = quick_retry},
         .max_message_size = LIMIT,
     };
@@ -178,7 +178,7 @@ static void setup(fixture_t *f)
     f->srv = server(f->impls, LIMIT);
     CU_ASSERT_PTR_NOT_NULL_FATAL(f->srv);
     const char *address = pconn_rpc_server_address(f->srv);
-    pconn_rpc_options_t o = client_options(f, &address, 1);
+    pconn_rpc_options_t o = client_options(&f->rec, &address, 1);
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &f->pc), PCONN_OK);
     CU_ASSERT_EQUAL_FATAL(pconn_connected(f->pc, WAIT_MS, &f->conn), PCONN_OK);
 }
@@ -249,10 +249,7 @@ static void test_response_over_client_limit(void)
     pconn_rpc_impls_t *impls = server_impls();
     pconn_rpc_server_t *srv = server(impls, 8 * 1024 * 1024);
     const char *address = pconn_rpc_server_address(srv);
-    fixture_t f = {0};
-    f.rec = rec;
-    pconn_rpc_options_t o = client_options(&f, &address, 1);
-    o.base.on_event_arg = &rec;
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
     pconn_conn_t *conn = NULL;
@@ -426,9 +423,7 @@ static void test_server_calls_client(void)
     pconn_rpc_impls_t *mine = pconn_rpc_impls_new();
     pconn_rpc_impls_add(mine, "client.hello", 1, h_client_hello, NULL);
     const char *address = pconn_rpc_server_address(srv);
-    fixture_t f = {0};
-    pconn_rpc_options_t o = client_options(&f, &address, 1);
-    o.base.on_event_arg = &rec;
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
     o.implementations = mine;
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
@@ -463,8 +458,7 @@ static void test_dispatch_and_bind(void)
     recorder_t rec;
     rec_init(&rec);
     const char *list[] = {closed_port};
-    pconn_rpc_options_t o = client_options(&f, list, 1);
-    o.base.on_event_arg = &rec;
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "d", 1, &resp, 100, &err), PCONN_ETIMEDOUT);
@@ -479,8 +473,7 @@ static void test_dispatch_and_bind(void)
     pconn_rpc_server_t *srv = server(impls, 0);
     const char *address = pconn_rpc_server_address(srv);
     rec_init(&rec);
-    o = client_options(&f, &address, 1);
-    o.base.on_event_arg = &rec;
+    o = client_options(&rec, &address, 1);
     o.bind_address = "127.0.0.2";
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "whoami", 1, NULL, 0, &resp, WAIT_MS, &err), PCONN_OK);
@@ -533,9 +526,7 @@ static void test_transport(void)
     const char *address = pconn_rpc_server_address(srv);
     recorder_t rec;
     rec_init(&rec);
-    fixture_t f = {0};
-    pconn_rpc_options_t o = client_options(&f, &address, 1);
-    o.base.on_event_arg = &rec;
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
     o.transport = &transport;
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
@@ -813,16 +804,16 @@ static void test_bad_frames_to_server(void)
     CU_ASSERT(memmem(in, n, "\x05\x00\x00\x00\x0a", 5) != NULL); /* CLOSE, code 10 */
 
     /* The server is still fine for everyone else. */
-    fixture_t f = {0};
-    rec_init(&f.rec);
-    pconn_rpc_options_t o = client_options(&f, &address, 1);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
     pconn_buf_t resp;
     CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "x", 1, &resp, WAIT_MS, NULL), PCONN_OK);
     pconn_buf_free(&resp);
     pconn_free(pc);
-    rec_destroy(&f.rec);
+    rec_destroy(&rec);
     pconn_rpc_server_stop(srv);
     pconn_rpc_impls_free(impls);
 }
@@ -832,12 +823,36 @@ static void test_bad_frames_to_server(void)
 static int spawn_rpc_server(tproc_t *p, const char *name, char *address, size_t size)
 {
     const char *argv[] = {"pconn", "rpc-serve", "127.0.0.1:0", "--name", name, NULL};
-    char line[256];
-    if (tproc_spawn(p, argv) != 0 || tproc_read_line(p, line, sizeof line) != 0 ||
-        strncmp(line, "listening on ", 13) != 0)
+    return tproc_spawn_server(p, argv, address, size);
+}
+
+/* Two RPC server processes, A and B, and an event recorder for a client of both. */
+typedef struct pair_t {
+    tproc_t a, b;
+    char addr_a[256], addr_b[256];
+    const char *list[2];
+    recorder_t rec;
+} pair_t;
+
+static int pair_start(pair_t *p)
+{
+    if (spawn_rpc_server(&p->a, "A", p->addr_a, sizeof p->addr_a) != 0)
         return -1;
-    snprintf(address, size, "%s", line + 13);
+    if (spawn_rpc_server(&p->b, "B", p->addr_b, sizeof p->addr_b) != 0) {
+        tproc_signal(&p->a, SIGKILL);
+        return -1;
+    }
+    p->list[0] = p->addr_a;
+    p->list[1] = p->addr_b;
+    rec_init(&p->rec);
     return 0;
+}
+
+static void pair_stop(pair_t *p)
+{
+    rec_destroy(&p->rec);
+    tproc_signal(&p->a, SIGKILL);
+    tproc_signal(&p->b, SIGKILL);
 }
 
 typedef struct sleeper_t {
@@ -860,21 +875,14 @@ static void *sleeper_main(void *arg)
 
 static void test_server_killed_calls_fail_and_failover(void)
 {
-    tproc_t a, b;
-    char addr_a[256], addr_b[256];
-    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&a, "A", addr_a, sizeof addr_a), 0);
-    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&b, "B", addr_b, sizeof addr_b), 0);
-    recorder_t rec;
-    rec_init(&rec);
-    fixture_t f = {0};
-    const char *list[] = {addr_a, addr_b};
-    pconn_rpc_options_t o = client_options(&f, list, 2);
-    o.base.on_event_arg = &rec;
+    pair_t p;
+    CU_ASSERT_EQUAL_FATAL(pair_start(&p), 0);
+    pconn_rpc_options_t o = client_options(&p.rec, p.list, 2);
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
     pconn_conn_t *conn = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
-    CU_ASSERT_STRING_EQUAL(pconn_conn_address(conn), addr_a);
+    CU_ASSERT_STRING_EQUAL(pconn_conn_address(conn), p.addr_a);
 
     /* Four calls in flight, each for a minute; then A dies. */
     sleeper_t s[4];
@@ -886,7 +894,7 @@ static void test_server_killed_calls_fail_and_failover(void)
     pconn_buf_t resp;
     CU_ASSERT_EQUAL(pconn_rpc_call(conn, "name", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_OK);
     pconn_buf_free(&resp);
-    tproc_signal(&a, SIGKILL);
+    tproc_signal(&p.a, SIGKILL);
     for (int i = 0; i < 4; i++) {
         pthread_join(s[i].thread, NULL);
         CU_ASSERT_EQUAL(s[i].rc, PCONN_EIO);
@@ -898,42 +906,32 @@ static void test_server_killed_calls_fail_and_failover(void)
     CU_ASSERT(resp.len == 1 && memcmp(resp.data, "B", 1) == 0);
     pconn_buf_free(&resp);
     pconn_free(pc);
-    rec_destroy(&rec);
-    tproc_signal(&b, SIGKILL);
+    pair_stop(&p);
 }
 
 static void test_stopped_server_heartbeat(void)
 {
-    tproc_t a, b;
-    char addr_a[256], addr_b[256];
-    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&a, "A", addr_a, sizeof addr_a), 0);
-    CU_ASSERT_EQUAL_FATAL(spawn_rpc_server(&b, "B", addr_b, sizeof addr_b), 0);
-    recorder_t rec;
-    rec_init(&rec);
-    fixture_t f = {0};
-    const char *list[] = {addr_a, addr_b};
-    pconn_rpc_options_t o = client_options(&f, list, 2);
-    o.base.on_event_arg = &rec;
+    pair_t p;
+    CU_ASSERT_EQUAL_FATAL(pair_start(&p), 0);
+    pconn_rpc_options_t o = client_options(&p.rec, p.list, 2);
     o.heartbeat = (pconn_heartbeat_t){.timeout_ms = 300, .send_every_ms = 100};
     o.handshake_timeout_ms = 300;
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    int i = rec_wait_kind(&rec, PCONN_EVENT_CONNECTED, 0, WAIT_MS);
+    int i = rec_wait_kind(&p.rec, PCONN_EVENT_CONNECTED, 0, WAIT_MS);
     CU_ASSERT_FATAL(i >= 0);
-    CU_ASSERT_STRING_EQUAL(rec_get(&rec, i).address, addr_a);
+    CU_ASSERT_STRING_EQUAL(rec_get(&p.rec, i).address, p.addr_a);
     /* The server hangs: its socket stays open, only heartbeats can tell. */
-    tproc_signal(&a, SIGSTOP);
+    tproc_signal(&p.a, SIGSTOP);
     int64_t t0 = pconn_clock_now(NULL);
-    CU_ASSERT_NOT_EQUAL(rec_wait_kind(&rec, PCONN_EVENT_DISCONNECTED, 0, WAIT_MS), -1);
+    CU_ASSERT_NOT_EQUAL(rec_wait_kind(&p.rec, PCONN_EVENT_DISCONNECTED, 0, WAIT_MS), -1);
     fprintf(stderr, "[DISCONNECTED %.0f ms after SIGSTOP, heartbeat timeout 300 ms] ",
             (double)(pconn_clock_now(NULL) - t0) / 1e6);
-    i = rec_wait_kind(&rec, PCONN_EVENT_CONNECTED, 1, WAIT_MS);
+    i = rec_wait_kind(&p.rec, PCONN_EVENT_CONNECTED, 1, WAIT_MS);
     CU_ASSERT_FATAL(i >= 0);
-    CU_ASSERT_STRING_EQUAL(rec_get(&rec, i).address, addr_b);
+    CU_ASSERT_STRING_EQUAL(rec_get(&p.rec, i).address, p.addr_b);
     pconn_free(pc);
-    rec_destroy(&rec);
-    tproc_signal(&a, SIGKILL);
-    tproc_signal(&b, SIGKILL);
+    pair_stop(&p); /* SIGKILL ends a stopped process too */
 }
 
 static void test_bad_options(void)
