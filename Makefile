@@ -129,9 +129,9 @@ uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/libpconn.a $(DESTDIR)$(LIBDIR)/libpconn.so $(DESTDIR)$(LIBDIR)/$(SONAME)
 	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
 
-lint:
+lint: deps
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
-	    --std=c11 -D_GNU_SOURCE -Iinclude -Isrc src resolvers
+	    --inline-suppr --std=c11 -D_GNU_SOURCE -Iinclude -Isrc src resolvers
 
 clean:
 	rm -rf build test/bench/results.json

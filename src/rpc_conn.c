@@ -347,7 +347,7 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
                         c->address);
         return PCONN_EHANDSHAKE;
     }
-    rpc_msg_t m;
+    rpc_msg_t m = {0};
     char why[128] = "";
     if (rc == PCONN_OK)
         rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);

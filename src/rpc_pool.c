@@ -89,10 +89,15 @@ int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
         impls->items = items;
         impls->cap = cap;
     }
-    char *copy = strdup(name);
-    if (copy == NULL)
+    impl_t *m = &impls->items[impls->n];
+    m->name = strdup(name);
+    if (m->name == NULL)
         return PCONN_ENOMEM;
-    impls->items[impls->n++] = (impl_t){copy, len, (uint32_t)version, fn, arg};
+    m->name_len = len;
+    m->version = (uint32_t)version;
+    m->fn = fn;
+    m->arg = arg;
+    impls->n++;
     return PCONN_OK;
 }
 

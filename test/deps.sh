@@ -14,6 +14,7 @@ command -v clang >/dev/null || missing="$missing clang"
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] ||
     missing="$missing libfuzzer-14-dev"
 command -v ip >/dev/null    || missing="$missing iproute2"
+command -v cppcheck >/dev/null || missing="$missing cppcheck"  # make lint
 [ -z "$missing" ] && exit 0
 echo "deps: installing$missing"
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
