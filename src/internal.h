@@ -13,6 +13,9 @@
  * on would corrupt state (libuv does the same). */
 PCONN_HIDDEN void pconn__mutex_lock(pthread_mutex_t *m);
 PCONN_HIDDEN void pconn__mutex_unlock(pthread_mutex_t *m);
+/* Initialises an adaptive mutex (spins briefly before sleeping): for locks held a few
+ * instructions at a time by many threads. */
+PCONN_HIDDEN int pconn__mutex_init_adaptive(pthread_mutex_t *m);
 /* Initialises a condition variable that waits on CLOCK_MONOTONIC. */
 PCONN_HIDDEN int pconn__cond_init(pthread_cond_t *c);
 /* Waits on c until the CLOCK_MONOTONIC deadline (ns, INT64_MAX: none). Returns 0 or

@@ -401,14 +401,7 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
     pc->wake_fd = pconn__wake_fd_new();
     if (pc->wake_fd < 0)
         goto fail_name;
-    /* Adaptive: spins a little before sleeping, which is what the brief critical
-     * sections of pconn_current() and friends want under contention. */
-    pthread_mutexattr_t mattr;
-    pthread_mutexattr_init(&mattr);
-    pthread_mutexattr_settype(&mattr, PTHREAD_MUTEX_ADAPTIVE_NP);
-    int mrc = pthread_mutex_init(&pc->mutex, &mattr);
-    pthread_mutexattr_destroy(&mattr);
-    if (mrc != 0)
+    if (pconn__mutex_init_adaptive(&pc->mutex) != 0)
         goto fail_fd;
     if (pconn__cond_init(&pc->cond) != 0)
         goto fail_mutex;

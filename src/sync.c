@@ -23,6 +23,17 @@ void pconn__mutex_unlock(pthread_mutex_t *m)
         abort();
 }
 
+int pconn__mutex_init_adaptive(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t attr;
+    if (pthread_mutexattr_init(&attr) != 0)
+        return -1;
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+    int rc = pthread_mutex_init(m, &attr);
+    pthread_mutexattr_destroy(&attr);
+    return rc == 0 ? 0 : -1;
+}
+
 int pconn__cond_init(pthread_cond_t *c)
 {
     pthread_condattr_t attr;
