@@ -225,7 +225,10 @@ const char *test_build_dir(void)
 int tproc_spawn(tproc_t *p, const char *const *argv)
 {
     char path[512];
-    snprintf(path, sizeof path, "%s/samples/%s", test_build_dir(), argv[0]);
+    if (argv[0][0] == '/')
+        snprintf(path, sizeof path, "%s", argv[0]);
+    else
+        snprintf(path, sizeof path, "%s/samples/%s", test_build_dir(), argv[0]);
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0)
         return -1;

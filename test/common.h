@@ -63,7 +63,8 @@ typedef struct tproc_t {
     int pid;
     FILE *out;
 } tproc_t;
-/* argv[0] is a program in the build's samples/ directory. 0 or -1. */
+/* argv[0] is a program in the build's samples/ directory, or an absolute path.
+ * 0 or -1. */
 int tproc_spawn(tproc_t *p, const char *const *argv);
 /* Reads one line of its output into buf, without the newline; 0, or -1 at its end. */
 int tproc_read_line(tproc_t *p, char *buf, size_t size);

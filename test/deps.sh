@@ -15,6 +15,7 @@ command -v clang >/dev/null || missing="$missing clang"
     missing="$missing libfuzzer-14-dev"
 command -v ip >/dev/null    || missing="$missing iproute2"
 command -v cppcheck >/dev/null || missing="$missing cppcheck"  # make lint
+command -v openssl >/dev/null || missing="$missing openssl"    # the TLS catalog test
 [ -z "$missing" ] && exit 0
 echo "deps: installing$missing"
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi

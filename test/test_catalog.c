@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static pconn_resolver_t *catalog(const char *url, pconn_catalog_format_t format, const char *key,
                                  pconn_pick_t pick)
@@ -197,6 +198,50 @@ static void test_refused_slow_silent_huge(void)
         pconn_resolver_free(r);
         thttp_stop(&h);
     }
+}
+
+/* A real TLS server (openssl s_server) with a self-signed certificate: refused without
+ * the CA, answered with it. */
+static void test_tls_verification(void)
+{
+    char dir[] = "/tmp/pconn-tls-XXXXXX";
+    CU_ASSERT_PTR_NOT_NULL_FATAL(mkdtemp(dir));
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd,
+             "cd %s && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+             "-keyout key.pem -out cert.pem -days 2 -subj /CN=127.0.0.1 "
+             "-addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1 && "
+             "printf '\"127.0.0.1:7001\"' > catalog.json", dir);
+    CU_ASSERT_EQUAL_FATAL(system(cmd), 0);
+    pconn_error_t err;
+    int lfd = pconn_tcp_listen("127.0.0.1:0", 1, &err);
+    char address[64];
+    pconn_tcp_local_address(lfd, address, sizeof address);
+    close(lfd); /* a free port for s_server */
+    snprintf(cmd, sizeof cmd, "cd %s && exec openssl s_server -accept %s -cert cert.pem -key key.pem -WWW 2>&1",
+             dir, address);
+    const char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    tproc_t p;
+    CU_ASSERT_EQUAL_FATAL(tproc_spawn(&p, argv), 0);
+    char line[256] = "";
+    while (tproc_read_line(&p, line, sizeof line) == 0 && strcmp(line, "ACCEPT") != 0)
+        ;
+    CU_ASSERT_STRING_EQUAL_FATAL(line, "ACCEPT");
+
+    char url[128], ca[128];
+    snprintf(url, sizeof url, "https://%s/catalog.json", address);
+    snprintf(ca, sizeof ca, "%s/cert.pem", dir);
+    pconn_http_catalog_options_t o = {.url = url, .timeout_ms = 5000};
+    pconn_resolver_t *r = pconn_resolver_http_catalog(&o);
+    assert_fails(r, url, "certificate"); /* verification is on: an unknown CA is refused */
+    pconn_resolver_free(r);
+    o.ca_file = ca;
+    r = pconn_resolver_http_catalog(&o);
+    ASSERT_LOOKUP(r, "127.0.0.1:7001");
+    pconn_resolver_free(r);
+    tproc_signal(&p, SIGKILL);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CU_ASSERT_EQUAL(system(cmd), 0);
 }
 
 static void test_bad_options(void)
@@ -422,6 +467,7 @@ static const test_def_t tests[] = {
     {"bearer_token_and_consul", test_bearer_token_and_consul},
     {"bad_answers", test_bad_answers},
     {"refused_slow_silent_huge", test_refused_slow_silent_huge},
+    {"tls_verification", test_tls_verification},
     {"bad_options", test_bad_options},
     {"close_interrupts_lookup", test_close_interrupts_lookup},
     {"etcd_lookup", test_etcd_lookup},

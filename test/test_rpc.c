@@ -344,6 +344,17 @@ static void *slow_main(void *arg)
     return NULL;
 }
 
+static void *echo_hi_main(void *arg)
+{
+    slow_call_t *s = arg;
+    pconn_buf_t resp;
+    s->rc = pconn_rpc_call(s->conn, "echo", 1, "hi", 2, &resp, WAIT_MS, &s->err);
+    if (s->rc == PCONN_OK && (resp.len != 2 || memcmp(resp.data, "hi", 2) != 0))
+        s->rc = -1;
+    pconn_buf_free(&resp);
+    return NULL;
+}
+
 static void test_slow_handler_blocks_nobody(void)
 {
     fixture_t f;
@@ -767,6 +778,82 @@ static size_t raw_exchange(const char *address, const unsigned char *out, size_t
     return got;
 }
 
+/* docs/protocol.md's worked example, byte for byte: what a client really sends for
+ * its first call, echo version 1 with "hi". */
+static void test_protocol_doc_example(void)
+{
+    static const unsigned char query[] = {
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x15, 0x03, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x04, 0x65, 0x63, 0x68,
+        0x6f, 0x68, 0x69};
+    static const unsigned char response[] = {
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0f, 0x04, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x68, 0x69};
+    /* A fake server: HELLO, then it reads the client's HELLO and QUERY, answers with the
+     * documented RESPONSE. */
+    pconn_error_t err;
+    int lfd = pconn_tcp_listen("127.0.0.1:0", 1, &err);
+    char address[64];
+    pconn_tcp_local_address(lfd, address, sizeof address);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {address};
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CU_ASSERT_FATAL(fd >= 0);
+    CU_ASSERT_EQUAL(send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL), (ssize_t)sizeof good_hello);
+    unsigned char hello[16];
+    CU_ASSERT_EQUAL(recv(fd, hello, sizeof hello, MSG_WAITALL), 16);
+    CU_ASSERT_EQUAL(memcmp(hello, good_hello, 16), 0); /* the documented HELLO */
+
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    slow_call_t call = {.conn = conn};
+    pthread_t t;
+    pthread_create(&t, NULL, echo_hi_main, &call);
+    unsigned char got[sizeof query];
+    CU_ASSERT_EQUAL(recv(fd, got, sizeof got, MSG_WAITALL), (ssize_t)sizeof got);
+    CU_ASSERT_EQUAL(memcmp(got, query, sizeof query), 0);
+    CU_ASSERT_EQUAL(send(fd, response, sizeof response, MSG_NOSIGNAL), (ssize_t)sizeof response);
+    pthread_join(t, NULL);
+    CU_ASSERT_EQUAL(call.rc, PCONN_OK);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    close(fd);
+    close(lfd);
+}
+
+static void test_unix_socket_server(void)
+{
+    char dir[] = "/tmp/pconn-rpc-XXXXXX";
+    CU_ASSERT_PTR_NOT_NULL_FATAL(mkdtemp(dir));
+    char listen_at[128];
+    snprintf(listen_at, sizeof listen_at, "unix:%s/rpc.sock", dir);
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = listen_at, .implementations = impls};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(pconn_rpc_server_address(srv), listen_at);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "unix", 4, &resp, WAIT_MS, NULL), PCONN_OK);
+    CU_ASSERT(resp.len == 4 && memcmp(resp.data, "unix", 4) == 0);
+    pconn_buf_free(&resp);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    pconn_rpc_server_stop(srv); /* removes its socket file */
+    CU_ASSERT_EQUAL(rmdir(dir), 0);
+    pconn_rpc_impls_free(impls);
+}
+
 static void test_bad_frames_to_server(void)
 {
     pconn_rpc_impls_t *impls = server_impls();
@@ -969,6 +1056,8 @@ static const test_def_t tests[] = {
     {"no_common_version_and_silent_server", test_no_common_version_and_silent_server},
     {"bad_frames_from_server", test_bad_frames_from_server},
     {"bad_frames_to_server", test_bad_frames_to_server},
+    {"protocol_doc_example", test_protocol_doc_example},
+    {"unix_socket_server", test_unix_socket_server},
     {"server_killed_calls_fail_and_failover", test_server_killed_calls_fail_and_failover},
     {"stopped_server_heartbeat", test_stopped_server_heartbeat},
     {"bad_options", test_bad_options},
