@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -297,6 +298,41 @@ static void test_close_interrupts_connect(void)
     for (int i = 0; i < nfillers; i++)
         close(fillers[i]);
     close(lfd);
+}
+
+/* A name with several records: each is tried in turn, and the error says how many. */
+static void test_every_address_of_a_name(void)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *list = NULL;
+    CU_ASSERT_EQUAL_FATAL(getaddrinfo("localhost", "1", &hints, &list), 0);
+    int records = 0;
+    bool v4 = false;
+    for (struct addrinfo *ai = list; ai != NULL; ai = ai->ai_next) {
+        records++;
+        v4 = v4 || ai->ai_family == AF_INET;
+    }
+    freeaddrinfo(list);
+    if (!v4) {
+        fprintf(stderr, "[skipped: localhost has no IPv4 record here] ");
+        return;
+    }
+    /* Listening on IPv4 only: whatever comes first, the connect ends up there. */
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_HOLD), 0);
+    char address[64];
+    snprintf(address, sizeof address, "localhost:%s", strrchr(s.address, ':') + 1);
+    pconn_conn_t *c = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_tcp_connect(NULL, address, &c, &err), PCONN_OK);
+    pconn_conn_unref(c);
+    tserver_stop(&s);
+    /* Now nothing listens: every record is refused, and the message counts them. */
+    CU_ASSERT_EQUAL(pconn_tcp_connect(NULL, address, &c, &err), PCONN_ECONNECT);
+    char want[64] = "Connection refused";
+    if (records > 1)
+        snprintf(want, sizeof want, "Connection refused (%d addresses tried)", records);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, want));
+    CU_ASSERT_EQUAL(strncmp(err.message, "connect localhost:", 18), 0);
 }
 
 static void test_ipv6_loopback(void)
@@ -608,6 +644,7 @@ static const test_def_t tests[] = {
     {"server_down_then_up", test_server_down_then_up},
     {"connect_timeout", test_connect_timeout},
     {"close_interrupts_connect", test_close_interrupts_connect},
+    {"every_address_of_a_name", test_every_address_of_a_name},
     {"ipv6_loopback", test_ipv6_loopback},
     {"unix_sockets", test_unix_sockets},
     {"no_fd_leak_over_cycles", test_no_fd_leak_over_cycles},
