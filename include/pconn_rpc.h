@@ -99,7 +99,7 @@ typedef struct pconn_rpc_options_t {
     pconn_options_t base;                 /* all but connect/connect_arg, which rpc sets */
     const char *bind_address;             /* NULL: any; else a local IP, port 0 */
     pconn_rpc_impls_t *implementations;   /* NULL: none; borrowed, must outlive the pconn */
-    size_t max_message_size;              /* 0: 100 MiB */
+    size_t max_message_size;              /* 0: 100 MiB; at least 512 */
     int64_t handshake_timeout_ms;         /* TCP connect and handshake together; 0: 30 s */
     pconn_heartbeat_t heartbeat;          /* zeros: 30 s timeout, sent every 10 s */
     const struct pconn_transport_t *transport; /* NULL: plain TCP; must outlive the pconn */
@@ -131,7 +131,7 @@ typedef struct pconn_rpc_server_t pconn_rpc_server_t;
 typedef struct pconn_rpc_server_options_t {
     const char *listen_address;          /* "127.0.0.1:0" picks a free port; "unix:/p" */
     pconn_rpc_impls_t *implementations;  /* borrowed, must outlive the server */
-    size_t max_message_size;             /* 0: 100 MiB */
+    size_t max_message_size;             /* 0: 100 MiB; at least 512 */
     int64_t handshake_timeout_ms;        /* a peer silent this long is dropped; 0: 30 s */
     pconn_heartbeat_t heartbeat;         /* zeros: 30 s timeout, sent every 10 s */
 } pconn_rpc_server_options_t;

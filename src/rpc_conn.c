@@ -69,7 +69,8 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
 {
     cfg->impls = impls;
     cfg->pool = NULL;
-    cfg->max = max > 0 ? max : RPC_DEFAULT_MAX;
+    /* At least a HELLO's worth, so that every size computed against it is positive. */
+    cfg->max = max == 0 ? RPC_DEFAULT_MAX : max < RPC_HELLO_MAX ? RPC_HELLO_MAX : max;
     cfg->hb_timeout_ms = hb != NULL && hb->timeout_ms > 0 ? hb->timeout_ms : RPC_DEFAULT_HB_TIMEOUT_MS;
     cfg->hb_every_ms = hb != NULL && hb->send_every_ms > 0 ? hb->send_every_ms : RPC_DEFAULT_HB_EVERY_MS;
     cfg->transport = transport;

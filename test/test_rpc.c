@@ -267,6 +267,33 @@ static void test_response_over_client_limit(void)
     rec_destroy(&rec);
 }
 
+/* A limit below 512 is raised to 512: a long name cannot wrap the size check around. */
+static void test_tiny_limit(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, 0);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.max_message_size = 10;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    char name[256];
+    memset(name, 'n', 255);
+    name[255] = '\0';
+    char req[300] = {0};
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, name, 1, req, sizeof req, &resp, WAIT_MS, &err), PCONN_ETOOBIG);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "over the limit of 512 bytes"));
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, name, 1, req, 200, &resp, WAIT_MS, &err), PCONN_EUNIMPLEMENTED);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
 static void test_unimplemented_and_remote_error(void)
 {
     fixture_t f;
@@ -1043,6 +1070,7 @@ static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
     {"response_over_client_limit", test_response_over_client_limit},
+    {"tiny_limit", test_tiny_limit},
     {"unimplemented_and_remote_error", test_unimplemented_and_remote_error},
     {"many_threads_one_connection", test_many_threads_one_connection},
     {"slow_handler_blocks_nobody", test_slow_handler_blocks_nobody},
