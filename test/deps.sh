@@ -11,8 +11,9 @@ have_header zmq.h           || missing="$missing libzmq3-dev"    # the benchmark
 command -v etcd >/dev/null  || missing="$missing etcd-server"
 command -v pkg-config >/dev/null || missing="$missing pkg-config"
 command -v clang >/dev/null || missing="$missing clang"
+# -fsanitize=fuzzer links clang's runtime, which clang only recommends.
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] ||
-    missing="$missing libfuzzer-14-dev"
+    missing="$missing libclang-rt-14-dev libfuzzer-14-dev"
 command -v ip >/dev/null    || missing="$missing iproute2"
 command -v cppcheck >/dev/null || missing="$missing cppcheck"  # make lint
 command -v openssl >/dev/null || missing="$missing openssl"    # the TLS catalog test
