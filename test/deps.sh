@@ -14,7 +14,6 @@ command -v clang >/dev/null || missing="$missing clang"
 # -fsanitize=fuzzer links clang's runtime, which clang only recommends.
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] ||
     missing="$missing libclang-rt-14-dev libfuzzer-14-dev"
-command -v ip >/dev/null    || missing="$missing iproute2"
 command -v cppcheck >/dev/null || missing="$missing cppcheck"  # make lint
 command -v openssl >/dev/null || missing="$missing openssl"    # the TLS catalog test
 [ -z "$missing" ] && exit 0
