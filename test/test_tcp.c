@@ -300,9 +300,23 @@ static void test_close_interrupts_connect(void)
     close(lfd);
 }
 
+/* Name resolution of "localhost" is the system's (/etc/hosts): a bare chroot has none. */
+static bool localhost_resolves(void)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *list = NULL;
+    if (getaddrinfo("localhost", "1", &hints, &list) != 0) {
+        fprintf(stderr, "[skipped: \"localhost\" does not resolve on this system] ");
+        return false;
+    }
+    freeaddrinfo(list);
+    return true;
+}
+
 /* A name with several records: each is tried in turn, and the error says how many. */
 static void test_every_address_of_a_name(void)
 {
+    if (!localhost_resolves())
+        return;
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *list = NULL;
     CU_ASSERT_EQUAL_FATAL(getaddrinfo("localhost", "1", &hints, &list), 0);
     int records = 0;
@@ -482,6 +496,20 @@ static void test_send_after_close_no_sigpipe(void)
 
 static void test_dns_resolver(void)
 {
+    errno = 0;
+    CU_ASSERT_PTR_NULL(pconn_resolver_dns("localhost", 0));
+    CU_ASSERT_EQUAL(errno, EINVAL);
+    CU_ASSERT_PTR_NULL(pconn_resolver_dns("", 80));
+    CU_ASSERT_PTR_NULL(pconn_resolver_dns(NULL, 80));
+    /* Numeric hosts go through getaddrinfo() too and need no hosts file. */
+    char one[PCONN_ADDRESS_MAX];
+    pconn_error_t e;
+    pconn_resolver_t *numeric = pconn_resolver_dns("127.0.0.1", 80);
+    CU_ASSERT_EQUAL(pconn_resolve(numeric, one, sizeof one, &e), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(one, "127.0.0.1:80");
+    pconn_resolver_free(numeric);
+    if (!localhost_resolves())
+        return;
     pconn_resolver_t *r = pconn_resolver_dns("localhost", 7001);
     CU_ASSERT_PTR_NOT_NULL_FATAL(r);
     char seen[4][PCONN_ADDRESS_MAX];
@@ -494,15 +522,6 @@ static void test_dns_resolver(void)
     CU_ASSERT_STRING_EQUAL(seen[0], seen[2]);
     CU_ASSERT_STRING_EQUAL(seen[1], seen[3]);
     pconn_resolver_free(r);
-    r = pconn_resolver_dns("127.0.0.1", 80);
-    CU_ASSERT_EQUAL(pconn_resolve(r, seen[0], sizeof seen[0], &err), PCONN_OK);
-    CU_ASSERT_STRING_EQUAL(seen[0], "127.0.0.1:80");
-    pconn_resolver_free(r);
-    errno = 0;
-    CU_ASSERT_PTR_NULL(pconn_resolver_dns("localhost", 0));
-    CU_ASSERT_EQUAL(errno, EINVAL);
-    CU_ASSERT_PTR_NULL(pconn_resolver_dns("", 80));
-    CU_ASSERT_PTR_NULL(pconn_resolver_dns(NULL, 80));
 }
 
 static void test_file_resolver_errors(void)
