@@ -42,6 +42,10 @@ LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o)
 HEADERS := $(wildcard include/*.h)
 
 TEST_SUITES := $(patsubst test/%.c,%,$(wildcard test/test_*.c))
+# The torture suite replaces malloc: not with the sanitizers' own allocators.
+ifneq ($(SANITIZE),)
+  TEST_SUITES := $(filter-out test_torture,$(TEST_SUITES))
+endif
 TEST_COMMON := $(patsubst %.c,$(B)/%.o,$(wildcard test/common*.c))
 TEST_BINS   := $(TEST_SUITES:%=$(B)/test/%)
 SAMPLES     := $(patsubst samples/%.c,$(B)/samples/%,$(wildcard samples/*.c))

@@ -177,10 +177,13 @@ static void add_etcd_value(parse_t *p, const char *b64)
         return;
     }
     raw[len] = '\0';
-    json_t *v = json_loadb((const char *)raw, len, JSON_DECODE_ANY, NULL);
+    json_error_t jerr;
+    json_t *v = json_loadb((const char *)raw, len, JSON_DECODE_ANY, &jerr);
     if (v != NULL) {
         add_instance(p, v);
         json_decref(v);
+    } else if (json_error_code(&jerr) == json_error_out_of_memory) {
+        p->nomem = true; /* not "not JSON": never drop an instance for want of memory */
     } else {
         p->seen++;
         if (memchr(raw, '\0', len) != NULL)
@@ -259,8 +262,11 @@ int pconn__catalog_parse(pconn_catalog_format_t format, const char *body, size_t
     json_error_t jerr;
     json_t *root = json_loadb(body, len, JSON_DECODE_ANY, &jerr);
     if (root == NULL) {
-        snprintf(why, why_size, "not JSON: %s at line %d column %d", jerr.text, jerr.line,
-                 jerr.column);
+        if (json_error_code(&jerr) == json_error_out_of_memory)
+            snprintf(why, why_size, "out of memory");
+        else
+            snprintf(why, why_size, "not JSON: %s at line %d column %d", jerr.text, jerr.line,
+                     jerr.column);
         return PCONN_ERESOLVE;
     }
     int rc;

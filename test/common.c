@@ -159,6 +159,11 @@ pconn_conn_t *fake_conn_new(int *peer_fd, atomic_int *destroyed)
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
         return NULL;
     fake_t *f = malloc(sizeof *f);
+    if (f == NULL) {
+        close(sv[0]);
+        close(sv[1]);
+        return NULL;
+    }
     f->fd = sv[0];
     f->destroyed = destroyed;
     *peer_fd = sv[1];
@@ -174,6 +179,8 @@ pconn_conn_t *fake_conn_new(int *peer_fd, atomic_int *destroyed)
 pconn_conn_t *fdless_conn_new(atomic_int *destroyed)
 {
     fake_t *f = malloc(sizeof *f);
+    if (f == NULL)
+        return NULL;
     f->fd = -1;
     f->destroyed = destroyed;
     pconn_conn_t *c = pconn_conn_new(&fdless_ops, f);
