@@ -355,11 +355,13 @@ static void test_many_threads_one_connection(void)
     teardown(&f);
 }
 
+/* A call made on a thread of its own. */
 typedef struct slow_call_t {
     pthread_t thread;
     pconn_conn_t *conn;
     int rc;
     pconn_error_t err;
+    int64_t took_ms;
 } slow_call_t;
 
 static void *slow_main(void *arg)
@@ -969,16 +971,9 @@ static void pair_stop(pair_t *p)
     tproc_signal(&p->b, SIGKILL);
 }
 
-typedef struct sleeper_t {
-    pthread_t thread;
-    pconn_conn_t *conn;
-    int rc;
-    int64_t took_ms;
-} sleeper_t;
-
 static void *sleeper_main(void *arg)
 {
-    sleeper_t *s = arg;
+    slow_call_t *s = arg;
     pconn_buf_t resp;
     int64_t t0 = pconn_clock_now(NULL);
     s->rc = pconn_rpc_call(s->conn, "sleep", 1, "60000", 5, &resp, 120000, NULL);
@@ -999,9 +994,9 @@ static void test_server_killed_calls_fail_and_failover(void)
     CU_ASSERT_STRING_EQUAL(pconn_conn_address(conn), p.addr_a);
 
     /* Four calls in flight, each for a minute; then A dies. */
-    sleeper_t s[4];
+    slow_call_t s[4];
     for (int i = 0; i < 4; i++) {
-        s[i] = (sleeper_t){.conn = conn};
+        s[i] = (slow_call_t){.conn = conn};
         pthread_create(&s[i].thread, NULL, sleeper_main, &s[i]);
     }
     /* Wait until A surely has them: a call after them on the same connection returns. */
