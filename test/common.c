@@ -32,6 +32,17 @@ struct timespec test_deadline(int64_t timeout_ms)
     return (struct timespec){.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
 }
 
+int test_wait_count(pthread_mutex_t *m, pthread_cond_t *c, const int *counter, int n, int timeout_ms)
+{
+    struct timespec ts = test_deadline(timeout_ms);
+    pthread_mutex_lock(m);
+    while (*counter < n && pthread_cond_timedwait(c, m, &ts) == 0)
+        ;
+    int got = *counter;
+    pthread_mutex_unlock(m);
+    return got;
+}
+
 void rec_init(recorder_t *r)
 {
     memset(r, 0, sizeof *r);

@@ -55,6 +55,10 @@ void test_cond_init(pthread_cond_t *c);
 /* The CLOCK_MONOTONIC time timeout_ms from now, for pthread_cond_timedwait(). */
 struct timespec test_deadline(int64_t timeout_ms);
 
+/* Waits (holding nothing on return) until *counter, guarded by m and signalled on c,
+ * reaches n or timeout_ms passes; the count then. */
+int test_wait_count(pthread_mutex_t *m, pthread_cond_t *c, const int *counter, int n, int timeout_ms);
+
 /* The build directory the tests run from (PCONN_TEST_BUILD), for the sample programs. */
 const char *test_build_dir(void);
 

@@ -180,13 +180,7 @@ int thttp_connections(thttp_t *h)
 
 int thttp_wait_requests(thttp_t *h, int n, int timeout_ms)
 {
-    struct timespec ts = test_deadline(timeout_ms);
-    pthread_mutex_lock(&h->mutex);
-    while (h->requests < n && pthread_cond_timedwait(&h->cond, &h->mutex, &ts) == 0)
-        ;
-    int got = h->requests;
-    pthread_mutex_unlock(&h->mutex);
-    return got;
+    return test_wait_count(&h->mutex, &h->cond, &h->requests, n, timeout_ms);
 }
 
 void thttp_stop(thttp_t *h)

@@ -101,13 +101,7 @@ static void wake(tserver_t *s)
 
 int tserver_wait_accepted(tserver_t *s, int n, int timeout_ms)
 {
-    struct timespec ts = test_deadline(timeout_ms);
-    pthread_mutex_lock(&s->mutex);
-    while (s->accepted < n && pthread_cond_timedwait(&s->cond, &s->mutex, &ts) == 0)
-        ;
-    int got = s->accepted;
-    pthread_mutex_unlock(&s->mutex);
-    return got;
+    return test_wait_count(&s->mutex, &s->cond, &s->accepted, n, timeout_ms);
 }
 
 void tserver_drop_all(tserver_t *s)

@@ -692,54 +692,48 @@ static void client_against(fake_t *fake, recorder_t *rec, pconn_t **pc, int64_t 
     CU_ASSERT_EQUAL(pconn_rpc_create(&o, pc), PCONN_OK);
 }
 
-static void test_wrong_magic(void)
+/* A client against a fake server that writes `script`: its first FAILED_TO_CONNECT. */
+static rec_event_t first_failure(const unsigned char *script, size_t len, int64_t handshake_ms,
+                                 char *fake_address, size_t size)
 {
-    static const unsigned char bad[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 'H', 'T', 'T', 'P', 1, 0, 1};
     fake_t fake;
-    fake_start(&fake, bad, sizeof bad, false);
+    fake_start(&fake, script, len, false);
+    snprintf(fake_address, size, "%s", fake.address);
     recorder_t rec;
     rec_init(&rec);
     pconn_t *pc;
-    client_against(&fake, &rec, &pc, WAIT_MS);
+    client_against(&fake, &rec, &pc, handshake_ms);
+    rec_event_t e = {0};
     int i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
-    CU_ASSERT_FATAL(i >= 0);
-    rec_event_t e = rec_get(&rec, i);
-    CU_ASSERT_EQUAL(e.error.code, PCONN_EHANDSHAKE);
-    char want[200];
-    snprintf(want, sizeof want, "rpc %s: handshake: bad magic number 0x48545450 (want 0x50434e31)", fake.address);
-    CU_ASSERT_STRING_EQUAL(e.error.message, want);
+    CU_ASSERT(i >= 0);
+    if (i >= 0)
+        e = rec_get(&rec, i);
     pconn_free(pc);
     rec_destroy(&rec);
     fake_stop(&fake);
+    return e;
+}
+
+static void test_wrong_magic(void)
+{
+    static const unsigned char bad[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 'H', 'T', 'T', 'P', 1, 0, 1};
+    char address[64];
+    rec_event_t e = first_failure(bad, sizeof bad, WAIT_MS, address, sizeof address);
+    CU_ASSERT_EQUAL(e.error.code, PCONN_EHANDSHAKE);
+    char want[200];
+    snprintf(want, sizeof want, "rpc %s: handshake: bad magic number 0x48545450 (want 0x50434e31)", address);
+    CU_ASSERT_STRING_EQUAL(e.error.message, want);
 }
 
 static void test_no_common_version_and_silent_server(void)
 {
     static const unsigned char v9[] = {0, 0, 0, 0, 0, 0, 0, 10, 1, 0x50, 0x43, 0x4e, 0x31, 2, 0, 9, 0, 7};
-    fake_t fake;
-    fake_start(&fake, v9, sizeof v9, false);
-    recorder_t rec;
-    rec_init(&rec);
-    pconn_t *pc;
-    client_against(&fake, &rec, &pc, WAIT_MS);
-    int i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
-    CU_ASSERT_FATAL(i >= 0);
-    CU_ASSERT_PTR_NOT_NULL(strstr(rec_get(&rec, i).error.message,
-                                  "no common protocol version: ours [1], theirs [9 7]"));
-    pconn_free(pc);
-    rec_destroy(&rec);
-    fake_stop(&fake);
-
+    char address[64];
+    rec_event_t e = first_failure(v9, sizeof v9, WAIT_MS, address, sizeof address);
+    CU_ASSERT_PTR_NOT_NULL(strstr(e.error.message, "no common protocol version: ours [1], theirs [9 7]"));
     /* A server that accepts and never speaks: the handshake timeout ends the attempt. */
-    fake_start(&fake, NULL, 0, false);
-    rec_init(&rec);
-    client_against(&fake, &rec, &pc, 200);
-    i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
-    CU_ASSERT_FATAL(i >= 0);
-    CU_ASSERT_PTR_NOT_NULL(strstr(rec_get(&rec, i).error.message, "handshake timed out"));
-    pconn_free(pc);
-    rec_destroy(&rec);
-    fake_stop(&fake);
+    e = first_failure(NULL, 0, 200, address, sizeof address);
+    CU_ASSERT_PTR_NOT_NULL(strstr(e.error.message, "handshake timed out"));
 }
 
 /* After a good HELLO, the fake server sends `tail`; the client must end the connection
