@@ -282,7 +282,13 @@ bool pconn_is_closed(const pconn_t *pc);
 /* Closes pc, waits for the close to finish, joins the worker and frees everything.
  * NULL is ignored. Connections still referenced elsewhere stay valid (closed) until
  * their last unref. Called from one of pc's own callbacks, it starts close and pc frees
- * itself when the worker ends; pc must not be used after this call either way. */
+ * itself when the worker ends; pc must not be used after this call either way.
+ * Calls already inside pc on other threads when pconn_free() starts (pconn_connected,
+ * pconn_connected_or_failed, pconn_close_finished, pconn_close, pconn_stats, pconn_kick,
+ * pconn_close_when_current_closed) are safe: waiters wake with PCONN_ECLOSED
+ * (pconn_close_finished with PCONN_OK), and the memory is freed only after the last of
+ * them has left (the handle counts the callers inside; the final free waits for zero).
+ * A call that starts after pconn_free() has returned is a use after free. */
 void pconn_free(pconn_t *pc);
 
 /* The server_name given at create. Lives as long as pc. */

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sched.h>
 #include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_RETRY_DELAY_MS 10000
@@ -48,6 +49,10 @@ struct pconn_t {
     bool kicked;           /* cut the current retry wait short */
     bool finished;         /* the worker will call nothing more */
     bool self_free;        /* pconn_free() came from a callback: the worker frees */
+    /* Callers inside a public call that takes the mutex (enter()/leave()), counted before
+     * they lock and uncounted after they unlock; the final free waits until it is 0 so
+     * nothing is freed under a caller on its way out (defect 1 of issue 10). */
+    atomic_uint inside;
     pconn_conn_t *current; /* from a successful connect until DISCONNECTED */
     /* The fast path's copy of current, under its own spinlock: pconn_current() takes no
      * mutex. Written under both locks (mutex first), NULL once close starts. */
@@ -344,9 +349,34 @@ static void run_locked(pconn_t *pc)
     }
 }
 
+/* Every public call that takes pc->mutex goes through lock_in()/unlock_out(): the
+ * decrement after unlocking is the caller's last touch of pc. */
+static void lock_in(pconn_t *pc)
+{
+    atomic_fetch_add(&pc->inside, 1);
+    pconn__mutex_lock(&pc->mutex);
+}
+
+static void unlock_out(pconn_t *pc)
+{
+    pconn__mutex_unlock(&pc->mutex);
+    atomic_fetch_sub(&pc->inside, 1);
+}
+
+/* The worker has finished (so closing and finished are set and broadcast): every caller
+ * still inside is on its way out without waiting; let them leave before freeing. */
+static void wait_callers_out(pconn_t *pc)
+{
+    while (atomic_load(&pc->inside) != 0) {
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* The user's destructors run last: after them, nothing of pc is left to release. */
 static void destroy(pconn_t *pc)
 {
+    wait_callers_out(pc);
     pconn_resolver_t *resolver = pc->resolver;
     void (*connect_arg_free)(void *) = pc->connect_arg_free;
     void *connect_arg = pc->connect_arg;
@@ -420,6 +450,7 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
         pc->rng = (uint64_t)pconn__mono_ns() ^ (uint64_t)(uintptr_t)pc;
     atomic_init(&pc->closing, false);
     atomic_init(&pc->cur_spin, 0);
+    atomic_init(&pc->inside, 0);
     pc->stats.state = PCONN_STATE_CONNECTING;
     pc->stats.state_since_ns = now_ns(pc);
 
@@ -463,7 +494,7 @@ static int wait_connected(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **conn,
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     int rc;
     bool timed_out = false;
-    pconn__mutex_lock(&pc->mutex);
+    lock_in(pc);
     uint64_t gen = pc->fail_gen;
     for (;;) {
         if (closing(pc)) {
@@ -493,7 +524,7 @@ static int wait_connected(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **conn,
         }
         timed_out = pconn__cond_wait_until(&pc->cond, &pc->mutex, deadline) != 0;
     }
-    pconn__mutex_unlock(&pc->mutex);
+    unlock_out(pc);
     return rc;
 }
 
@@ -524,21 +555,21 @@ int pconn_close_finished(pconn_t *pc, int64_t timeout_ms)
 {
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     int rc = PCONN_OK;
-    pconn__mutex_lock(&pc->mutex);
+    lock_in(pc);
     while (!pc->finished) {
         if (pconn__cond_wait_until(&pc->cond, &pc->mutex, deadline) != 0 && !pc->finished) {
             rc = PCONN_ETIMEDOUT;
             break;
         }
     }
-    pconn__mutex_unlock(&pc->mutex);
+    unlock_out(pc);
     return rc;
 }
 
 /* Starts close and closes the current connection outside the lock. */
 static void start_close(pconn_t *pc)
 {
-    pconn__mutex_lock(&pc->mutex);
+    lock_in(pc);
     start_close_locked(pc);
     pconn_conn_t *cur = pc->current;
     if (cur != NULL)
@@ -548,6 +579,7 @@ static void start_close(pconn_t *pc)
         pconn_conn_close(cur);
         pconn_conn_unref(cur);
     }
+    atomic_fetch_sub(&pc->inside, 1);
 }
 
 int pconn_close(pconn_t *pc, int64_t timeout_ms)
@@ -562,21 +594,21 @@ int pconn_close(pconn_t *pc, int64_t timeout_ms)
 
 void pconn_close_when_current_closed(pconn_t *pc)
 {
-    pconn__mutex_lock(&pc->mutex);
+    lock_in(pc);
     pc->draining = true;
     if (pc->current == NULL)
         start_close_locked(pc);
-    pconn__mutex_unlock(&pc->mutex);
+    unlock_out(pc);
 }
 
 void pconn_kick(pconn_t *pc)
 {
-    pconn__mutex_lock(&pc->mutex);
+    lock_in(pc);
     if (pc->stats.state == PCONN_STATE_WAITING) {
         pc->kicked = true;
         pconn__wake(pc->wake_fd);
     }
-    pconn__mutex_unlock(&pc->mutex);
+    unlock_out(pc);
 }
 
 bool pconn_is_closed(const pconn_t *pc)
@@ -591,9 +623,9 @@ const char *pconn_server_name(const pconn_t *pc)
 
 void pconn_stats(pconn_t *pc, pconn_stats_t *out)
 {
-    pconn__mutex_lock(&pc->mutex);
+    lock_in(pc);
     *out = pc->stats;
-    pconn__mutex_unlock(&pc->mutex);
+    unlock_out(pc);
 }
 
 void pconn_free(pconn_t *pc)

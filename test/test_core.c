@@ -6,7 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define MS 1000000LL
@@ -795,6 +798,69 @@ static void test_waiters_wake_on_close(void)
     env_finish(&e);
 }
 
+/* Defect 1 of issue 10: pconn_free() while other threads are blocked inside the handle
+ * (pconn_connected, pconn_close_finished). They wake with PCONN_ECLOSED / PCONN_OK and
+ * nothing is freed under them (before the fix: use-after-free of the mutex, and hangs). */
+typedef struct inside_t {
+    pconn_t *pc;
+    int kind;
+    atomic_int tid;
+    int rc;
+    pconn_conn_t *conn;
+    pthread_t thread;
+} inside_t;
+
+static void *inside_main(void *arg)
+{
+    inside_t *w = arg;
+    atomic_store(&w->tid, (int)syscall(SYS_gettid));
+    if (w->kind == 0)
+        w->rc = pconn_connected(w->pc, PCONN_FOREVER, &w->conn);
+    else
+        w->rc = pconn_close_finished(w->pc, PCONN_FOREVER);
+    return NULL;
+}
+
+/* True once the thread sleeps: after publishing its id it only blocks inside pconn. */
+static bool thread_sleeping(int tid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return false;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *p = strrchr(buf, ')');
+    return p != NULL && p[1] == ' ' && p[2] == 'S';
+}
+
+static void test_free_while_inside(void)
+{
+    enum { N = 8, ROUNDS = 10 };
+    for (int round = 0; round < ROUNDS; round++) {
+        env_t e;
+        env_init(&e, plan_fail);
+        env_start(&e);
+        inside_t w[N];
+        for (int i = 0; i < N; i++) {
+            w[i] = (inside_t){.pc = e.pc, .kind = i % 2, .rc = -1};
+            atomic_init(&w[i].tid, 0);
+            pthread_create(&w[i].thread, NULL, inside_main, &w[i]);
+        }
+        for (int i = 0; i < N; i++)
+            while (atomic_load(&w[i].tid) == 0 || !thread_sleeping(atomic_load(&w[i].tid)))
+                sched_yield();
+        env_finish(&e); /* pconn_free with every waiter inside */
+        for (int i = 0; i < N; i++) {
+            pthread_join(w[i].thread, NULL);
+            CU_ASSERT_EQUAL(w[i].rc, w[i].kind == 0 ? PCONN_ECLOSED : PCONN_OK);
+            CU_ASSERT_PTR_NULL(w[i].conn);
+        }
+    }
+}
+
 static void test_connected_timeout(void)
 {
     env_t e;
@@ -1121,6 +1187,7 @@ static const test_def_t tests[] = {
     {"free_in_callback", test_free_in_callback},
     {"many_waiters", test_many_waiters},
     {"waiters_wake_on_close", test_waiters_wake_on_close},
+    {"free_while_inside", test_free_while_inside},
     {"connected_timeout", test_connected_timeout},
     {"connected_or_failed", test_connected_or_failed},
     {"refcount", test_refcount},
