@@ -9,6 +9,27 @@
  * resolver, the connect function, retry_delay and on_event one at a time, in order, with
  * no library lock held, on a stack of 512 KiB: keep large buffers off it.
  *
+ * What each callback of pc (on_event, the resolver, the connect function, retry_delay;
+ * all run on pc's worker) may call on pc itself:
+ *
+ *   call                                  from a callback of pc
+ *   ------------------------------------  ---------------------------------------------
+ *   pconn_current, pconn_stats,           yes: answer at once
+ *     pconn_is_closed, pconn_server_name,
+ *     pconn_kick
+ *   pconn_close_when_current_closed       yes: takes effect after the callback returns
+ *   pconn_close                           yes: starts close, returns PCONN_OK at once
+ *   pconn_free                            yes: starts close; pc frees itself afterwards
+ *   pconn_connected,                      only what is known now: PCONN_OK when connected,
+ *     pconn_connected_or_failed             PCONN_ECLOSED when closing, else PCONN_EINVAL
+ *                                           at once (waiting would deadlock the worker)
+ *   pconn_close_finished                  PCONN_EINVAL at once (the worker cannot finish
+ *                                           while it runs the callback)
+ *   pconn_conn_* on any connection        yes
+ *
+ * Waits on another pconn from a callback are allowed (its own worker answers them), but
+ * two pconns whose callbacks wait on each other deadlock.
+ *
  * Timeouts are int64_t milliseconds on CLOCK_MONOTONIC: PCONN_FOREVER (-1) waits without
  * end, 0 polls. Functions that can fail return PCONN_OK (0) or one of the codes below.
  */
@@ -242,7 +263,8 @@ int pconn_create(const pconn_options_t *opts, pconn_t **out);
 /* Waits until pc is connected and stores a new reference to the connection in *conn
  * (release it with pconn_conn_unref()). Returns PCONN_OK, at once if already connected;
  * PCONN_ETIMEDOUT when timeout_ms passes; PCONN_ECLOSED once close has started (threads
- * already waiting then wake with it). */
+ * already waiting then wake with it). From one of pc's own callbacks it never waits:
+ * PCONN_EINVAL at once when it would have to (see the table at the top). */
 int pconn_connected(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **conn);
 
 /* As pconn_connected(), but also returns when the next attempt fails: then the
@@ -265,7 +287,8 @@ pconn_conn_t *pconn_current(pconn_t *pc);
 int pconn_close(pconn_t *pc, int64_t timeout_ms);
 
 /* Waits, starting nothing, for a close (or abort, or drain) to finish. PCONN_OK or
- * PCONN_ETIMEDOUT. */
+ * PCONN_ETIMEDOUT. From one of pc's own callbacks: PCONN_EINVAL at once, unless already
+ * finished. */
 int pconn_close_finished(pconn_t *pc, int64_t timeout_ms);
 
 /* Drain: no reconnect after the current connection ends, which this does not cause.

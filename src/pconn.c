@@ -522,6 +522,10 @@ static int wait_connected(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **conn,
             rc = PCONN_ETIMEDOUT;
             break;
         }
+        if (tl_worker_pc == pc) { /* one of pc's callbacks: waiting would deadlock */
+            rc = PCONN_EINVAL;
+            break;
+        }
         timed_out = pconn__cond_wait_until(&pc->cond, &pc->mutex, deadline) != 0;
     }
     unlock_out(pc);
@@ -556,7 +560,9 @@ int pconn_close_finished(pconn_t *pc, int64_t timeout_ms)
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     int rc = PCONN_OK;
     lock_in(pc);
-    while (!pc->finished) {
+    if (!pc->finished && tl_worker_pc == pc)
+        rc = PCONN_EINVAL; /* one of pc's callbacks: the worker cannot finish under it */
+    while (rc == PCONN_OK && !pc->finished) {
         if (pconn__cond_wait_until(&pc->cond, &pc->mutex, deadline) != 0 && !pc->finished) {
             rc = PCONN_ETIMEDOUT;
             break;

@@ -861,6 +861,35 @@ static void test_free_while_inside(void)
     }
 }
 
+/* Defect 2 of issue 10: from pc's own connect function, calls that would wait for the
+ * worker return PCONN_EINVAL at once (before the fix each waited out its timeout). */
+static int callback_rcs[3];
+
+static int plan_wait_inside(env_t *e, int call, const char *address, pconn_conn_t **conn,
+                            pconn_error_t *err)
+{
+    if (call == 0) {
+        pconn_conn_t *c = NULL;
+        pconn_error_t ferr;
+        callback_rcs[0] = pconn_connected(e->pc, WAIT_MS, &c);
+        callback_rcs[1] = pconn_connected_or_failed(e->pc, WAIT_MS, &c, &ferr);
+        callback_rcs[2] = pconn_close_finished(e->pc, WAIT_MS);
+    }
+    return plan_fail(e, call, address, conn, err);
+}
+
+static void test_wait_from_callback(void)
+{
+    env_t e;
+    env_init(&e, plan_wait_inside);
+    env_start(&e);
+    CU_ASSERT(env_wait_calls(&e, 1) >= 1);
+    CU_ASSERT_EQUAL(callback_rcs[0], PCONN_EINVAL);
+    CU_ASSERT_EQUAL(callback_rcs[1], PCONN_EINVAL);
+    CU_ASSERT_EQUAL(callback_rcs[2], PCONN_EINVAL);
+    env_finish(&e);
+}
+
 static void test_connected_timeout(void)
 {
     env_t e;
@@ -1188,6 +1217,7 @@ static const test_def_t tests[] = {
     {"many_waiters", test_many_waiters},
     {"waiters_wake_on_close", test_waiters_wake_on_close},
     {"free_while_inside", test_free_while_inside},
+    {"wait_from_callback", test_wait_from_callback},
     {"connected_timeout", test_connected_timeout},
     {"connected_or_failed", test_connected_or_failed},
     {"refcount", test_refcount},
