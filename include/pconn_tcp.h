@@ -63,7 +63,8 @@ int pconn_tcp_create(const pconn_options_t *opts, const pconn_tcp_options_t *tcp
 int pconn_tcp_listen(const char *address, int backlog, pconn_error_t *err);
 
 /* Writes the local address of a socket in the form connect accepts ("127.0.0.1:4242",
- * "[::1]:4242", "unix:/path"). PCONN_OK, or PCONN_EINVAL (too small, not a socket). */
+ * "[::1]:4242", "unix:/path"). PCONN_OK, or PCONN_EINVAL (too small, not a socket, or
+ * an unnamed Unix socket such as one end of a socketpair; buf is then ""). */
 int pconn_tcp_local_address(int fd, char *buf, size_t size);
 
 #ifdef __cplusplus

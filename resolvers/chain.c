@@ -50,7 +50,7 @@ pconn_resolver_t *pconn_resolver_chain(pconn_resolver_t *const *resolvers, size_
         return r;
     free(c);
 fail:
-    for (size_t i = 0; resolvers != NULL && i < n && i < 1024; i++)
+    for (size_t i = 0; resolvers != NULL && i < n; i++)
         pconn_resolver_free(resolvers[i]);
     errno = e;
     return NULL;

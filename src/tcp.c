@@ -397,13 +397,17 @@ int pconn_tcp_local_address(int fd, char *buf, size_t size)
     if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
         return PCONN_EINVAL;
     int n;
+    if (size > 0)
+        buf[0] = '\0';
     if (ss.ss_family == AF_UNIX) {
         struct sockaddr_un *sun = (struct sockaddr_un *)&ss;
+        if (len <= offsetof(struct sockaddr_un, sun_path))
+            return PCONN_EINVAL; /* unnamed (socketpair, unbound): no address to tell */
         size_t plen = len - offsetof(struct sockaddr_un, sun_path);
-        if (plen > 0 && sun->sun_path[0] == '\0')
+        if (sun->sun_path[0] == '\0')
             n = snprintf(buf, size, "unix:@%.*s", (int)(plen - 1), sun->sun_path + 1);
         else
-            n = snprintf(buf, size, "unix:%s", sun->sun_path);
+            n = snprintf(buf, size, "unix:%.*s", (int)strnlen(sun->sun_path, plen), sun->sun_path);
     } else {
         char host[INET6_ADDRSTRLEN], port[8];
         if (getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, port, sizeof port,

@@ -581,6 +581,37 @@ static int resolve_fail(void *arg, char *address, size_t size, pconn_error_t *er
     return PCONN_ERESOLVE;
 }
 
+/* Defect 8 of issue 10: a chain of 1024 or more members is refused, and every member
+ * handed over is freed (before the fix all but the first 1024 leaked). */
+static void test_chain_too_long(void)
+{
+    enum { N = 1030 };
+    pconn_resolver_t **m = calloc(N, sizeof *m);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+    for (int i = 0; i < N; i++)
+        m[i] = pconn_resolver_new(resolve_fail, "x", count_destroy);
+    atomic_store(&chain_destroys, 0);
+    errno = 0;
+    CU_ASSERT_PTR_NULL(pconn_resolver_chain(m, N));
+    CU_ASSERT_EQUAL(errno, EINVAL);
+    CU_ASSERT_EQUAL(atomic_load(&chain_destroys), N);
+    free(m);
+}
+
+/* Defect 7 of issue 10: an unnamed Unix socket has no address (before the fix its
+ * uninitialised sun_path was printed). */
+static void test_local_address_unnamed(void)
+{
+    int sv[2];
+    CU_ASSERT_EQUAL_FATAL(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    char addr[PCONN_ADDRESS_MAX];
+    memset(addr, 'Z', sizeof addr);
+    CU_ASSERT_EQUAL(pconn_tcp_local_address(sv[0], addr, sizeof addr), PCONN_EINVAL);
+    CU_ASSERT_STRING_EQUAL(addr, "");
+    close(sv[0]);
+    close(sv[1]);
+}
+
 static void test_chain_resolver(void)
 {
     const char *list[] = {"b:2"};
@@ -672,6 +703,8 @@ static const test_def_t tests[] = {
     {"dns_resolver", test_dns_resolver},
     {"file_resolver_errors", test_file_resolver_errors},
     {"chain_resolver", test_chain_resolver},
+    {"chain_too_long", test_chain_too_long},
+    {"local_address_unnamed", test_local_address_unnamed},
     {"listen_errors", test_listen_errors},
     {NULL, NULL},
 };
