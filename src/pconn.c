@@ -659,5 +659,5 @@ int64_t pconn_retry_exponential(void *backoff, unsigned failures)
         d *= b->multiplier;
     if (d > (double)b->max_ms)
         d = (double)b->max_ms;
-    return d < 0 ? 0 : (int64_t)d;
+    return d < PCONN_RETRY_FLOOR_MS ? PCONN_RETRY_FLOOR_MS : (int64_t)d;
 }

@@ -1133,6 +1133,12 @@ static void test_exponential(void)
     CU_ASSERT_EQUAL(pconn_retry_exponential(NULL, 10), 30000);
     pconn_backoff_t flat = {50, 1000, 1.0};
     CU_ASSERT_EQUAL(pconn_retry_exponential(&flat, 4000000000u), 50);
+    /* Defect 9 of issue 10: a floor, not a busy loop (0 before the fix). */
+    pconn_backoff_t zero = {0, 0, 2.0};
+    CU_ASSERT_EQUAL(pconn_retry_exponential(&zero, 0), PCONN_RETRY_FLOOR_MS);
+    CU_ASSERT_EQUAL(pconn_retry_exponential(&zero, 7), PCONN_RETRY_FLOOR_MS);
+    pconn_backoff_t neg = {-5, 1000, 2.0};
+    CU_ASSERT_EQUAL(pconn_retry_exponential(&neg, 0), PCONN_RETRY_FLOOR_MS);
 }
 
 static void test_strings(void)
