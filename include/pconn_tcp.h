@@ -58,7 +58,8 @@ int pconn_tcp_create(const pconn_options_t *opts, const pconn_tcp_options_t *tcp
                      pconn_t **out);
 
 /* Opens a listening socket (close-on-exec, SO_REUSEADDR) on address; port 0 picks a
- * free port. A stale Unix socket file at the path is replaced. backlog <= 0 means
+ * free port. A stale Unix socket file at the path (one that refuses connections) is
+ * replaced; a live one is left alone and listen fails with EADDRINUSE. backlog <= 0 means
  * SOMAXCONN. Returns the fd, or -1 with err filled. For servers and tests. */
 int pconn_tcp_listen(const char *address, int backlog, pconn_error_t *err);
 

@@ -344,8 +344,16 @@ static int listen_unix(const pconn__addr_t *a, int backlog, const char *address,
         sun.sun_path[0] = '\0';
     socklen_t salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + !abstract);
     struct stat st;
-    if (!abstract && stat(a->path, &st) == 0 && S_ISSOCK(st.st_mode))
-        unlink(a->path); /* a stale socket of an earlier run */
+    if (!abstract && stat(a->path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        /* Replace only a dead socket: one that refuses connections. A live server keeps
+         * its path (bind then fails with EADDRINUSE). */
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe >= 0 && connect(probe, (struct sockaddr *)&sun, salen) != 0 &&
+            errno == ECONNREFUSED)
+            unlink(a->path); /* a stale socket of an earlier run */
+        if (probe >= 0)
+            close(probe);
+    }
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || bind(fd, (struct sockaddr *)&sun, salen) != 0 || listen(fd, backlog) != 0) {
         pconn_error_set(err, PCONN_EIO, errno, "listen %s", address);

@@ -612,6 +612,30 @@ static void test_local_address_unnamed(void)
     close(sv[1]);
 }
 
+/* Defect 7 of issue 10: listen on the path of a live Unix server must not unlink it
+ * (before the fix the second listen stole the path); a dead one is still replaced. */
+static void test_listen_unix_live(void)
+{
+    char dir[] = "/tmp/pconn-live-XXXXXX";
+    CU_ASSERT_PTR_NOT_NULL_FATAL(mkdtemp(dir));
+    char address[128];
+    snprintf(address, sizeof address, "unix:%s/s", dir);
+    pconn_error_t err;
+    int first = pconn_tcp_listen(address, 0, &err);
+    CU_ASSERT_FATAL(first >= 0);
+    CU_ASSERT_EQUAL(pconn_tcp_listen(address, 0, &err), -1);
+    CU_ASSERT_EQUAL(err.code, PCONN_EIO);
+    CU_ASSERT_EQUAL(err.sys_errno, EADDRINUSE);
+    close(first); /* now dead: replaced */
+    int again = pconn_tcp_listen(address, 0, &err);
+    CU_ASSERT(again >= 0);
+    if (again >= 0)
+        close(again);
+    snprintf(address, sizeof address, "%s/s", dir);
+    unlink(address);
+    rmdir(dir);
+}
+
 static void test_chain_resolver(void)
 {
     const char *list[] = {"b:2"};
@@ -704,6 +728,7 @@ static const test_def_t tests[] = {
     {"file_resolver_errors", test_file_resolver_errors},
     {"chain_resolver", test_chain_resolver},
     {"chain_too_long", test_chain_too_long},
+    {"listen_unix_live", test_listen_unix_live},
     {"local_address_unnamed", test_local_address_unnamed},
     {"listen_errors", test_listen_errors},
     {NULL, NULL},
