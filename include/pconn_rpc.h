@@ -91,7 +91,8 @@ typedef struct pconn_transport_t {
 /* ---- Client ----------------------------------------------------------------------- */
 
 typedef struct pconn_heartbeat_t {
-    int64_t timeout_ms;    /* close when nothing arrived for this long; 0: 30 s */
+    int64_t timeout_ms;    /* close when nothing arrived for this long; 0: 30 s;
+                              PCONN_FOREVER (or any value past INT64_MAX ns): never */
     int64_t send_every_ms; /* 0: 10 s */
 } pconn_heartbeat_t;
 

@@ -71,7 +71,7 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->pool = NULL;
     /* At least a HELLO's worth, so that every size computed against it is positive. */
     cfg->max = max == 0 ? RPC_DEFAULT_MAX : max < RPC_HELLO_MAX ? RPC_HELLO_MAX : max;
-    cfg->hb_timeout_ms = hb != NULL && hb->timeout_ms > 0 ? hb->timeout_ms : RPC_DEFAULT_HB_TIMEOUT_MS;
+    cfg->hb_timeout_ms = hb != NULL && (hb->timeout_ms > 0 || hb->timeout_ms == PCONN_FOREVER) ? hb->timeout_ms : RPC_DEFAULT_HB_TIMEOUT_MS;
     cfg->hb_every_ms = hb != NULL && hb->send_every_ms > 0 ? hb->send_every_ms : RPC_DEFAULT_HB_EVERY_MS;
     cfg->transport = transport;
 }
@@ -211,6 +211,15 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 
 /* ---- reading ------------------------------------------------------------------- */
 
+/* base_ns plus ms milliseconds, saturating at INT64_MAX ("never"): PCONN_FOREVER, or a
+ * value whose nanoseconds would overflow (INT64_MAX ms), means no deadline. */
+static int64_t after_ms(int64_t base_ns, int64_t ms)
+{
+    if (ms < 0 || ms > (INT64_MAX - base_ns) / 1000000)
+        return INT64_MAX;
+    return base_ns + ms * 1000000;
+}
+
 /* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
  * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout). */
 static int wait_readable(rpc_conn_t *c)
@@ -225,7 +234,7 @@ static int wait_readable(rpc_conn_t *c)
                 return PCONN_ETIMEDOUT;
             until = c->handshake_deadline_ns;
         } else {
-            int64_t dead_at = c->last_recv_ns + c->cfg.hb_timeout_ms * 1000000;
+            int64_t dead_at = after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
             if (now >= dead_at)
                 return PCONN_ETIMEDOUT;
             if (now >= c->next_send_ns) {
@@ -236,7 +245,7 @@ static int wait_readable(rpc_conn_t *c)
                     write_frame_locked(c, h, sizeof h, NULL, 0);
                     pconn__mutex_unlock(&c->wlock);
                 }
-                c->next_send_ns = now + c->cfg.hb_every_ms * 1000000;
+                c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
             }
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
         }
@@ -489,7 +498,7 @@ static void *reader_main(void *arg)
 {
     rpc_conn_t *c = arg;
     c->last_recv_ns = pconn__mono_ns();
-    c->next_send_ns = c->last_recv_ns + c->cfg.hb_every_ms * 1000000;
+    c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
     for (;;) {
         uint8_t *payload = NULL, head[9];
         size_t len = 0, head_len = 0;

@@ -1037,6 +1037,34 @@ static void test_stopped_server_heartbeat(void)
     pair_stop(&p); /* SIGKILL ends a stopped process too */
 }
 
+static void test_heartbeat_forever(void)
+{
+    /* Issue 9 defect 9: timeout_ms * 1000000 overflowed (INT64_MAX ms dropped the
+     * connection at once); both "never" spellings must keep a working connection. */
+    const int64_t never[] = {INT64_MAX, PCONN_FOREVER};
+    for (size_t k = 0; k < 2; k++) {
+        fixture_t f;
+        memset(&f, 0, sizeof f);
+        rec_init(&f.rec);
+        f.impls = server_impls();
+        f.srv = server(f.impls, LIMIT);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(f.srv);
+        const char *address = pconn_rpc_server_address(f.srv);
+        pconn_rpc_options_t o = client_options(&f.rec, &address, 1);
+        o.heartbeat = (pconn_heartbeat_t){.timeout_ms = never[k], .send_every_ms = INT64_MAX};
+        CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &f.pc), PCONN_OK);
+        CU_ASSERT_EQUAL_FATAL(pconn_connected(f.pc, WAIT_MS, &f.conn), PCONN_OK);
+        for (int i = 0; i < 3; i++) {
+            pconn_buf_t resp;
+            pconn_error_t err;
+            CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, "hi", 2, &resp, WAIT_MS, &err), PCONN_OK);
+            CU_ASSERT_EQUAL(resp.len, 2);
+            pconn_buf_free(&resp);
+        }
+        teardown(&f);
+    }
+}
+
 static void test_bad_options(void)
 {
     pconn_t *pc = (pconn_t *)&counts;
@@ -1077,6 +1105,7 @@ static const test_def_t tests[] = {
     {"unix_socket_server", test_unix_socket_server},
     {"server_killed_calls_fail_and_failover", test_server_killed_calls_fail_and_failover},
     {"stopped_server_heartbeat", test_stopped_server_heartbeat},
+    {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},
 };
