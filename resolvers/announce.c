@@ -129,7 +129,7 @@ static void revoke(pconn_announcer_t *a)
 static void *announce_main(void *arg)
 {
     pconn_announcer_t *a = arg;
-    int64_t interval_ms = a->ttl_s * 1000 / 3;
+    int64_t interval_ms = (int64_t)a->ttl_s * 1000 / 3; /* int64: ttl_s * 1000 overflowed int */
     int64_t wait_ms = interval_ms;
     pconn__mutex_lock(&a->mutex);
     for (;;) {

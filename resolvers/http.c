@@ -3,6 +3,7 @@
 #include "catalog.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -97,12 +98,24 @@ void pconn__http_cleanup(pconn__http_t *h)
     memset(h, 0, sizeof *h);
 }
 
+/* libcurl's sockets must not leak into a child after fork+exec: close-on-exec. */
+static int on_sockopt(void *arg, curl_socket_t fd, curlsocktype purpose)
+{
+    (void)arg;
+    (void)purpose;
+    int flags = fcntl(fd, F_GETFD);
+    if (flags < 0 || fcntl(fd, F_SETFD, flags | FD_CLOEXEC) < 0)
+        return CURL_SOCKOPT_ERROR;
+    return CURL_SOCKOPT_OK;
+}
+
 static void setup(pconn__http_t *h, const char *url, const char *post_body, sink_t *sink)
 {
     CURL *e = h->easy;
     curl_easy_reset(e); /* keeps the connection cache of the multi handle */
     curl_easy_setopt(e, CURLOPT_URL, url);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_SOCKOPTFUNCTION, on_sockopt);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)h->timeout_ms);

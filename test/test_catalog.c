@@ -9,6 +9,8 @@
 #include "pconn_tcp.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -346,6 +348,49 @@ static void test_announce_and_revoke(void)
     pconn_resolver_free(r);
 }
 
+/* Descriptors that are sockets, as a bitmap of the first 1024 fds. */
+static void socket_fds(bool out[1024])
+{
+    char path[64], link[64];
+    for (int fd = 0; fd < 1024; fd++) {
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        ssize_t n = readlink(path, link, sizeof link - 1);
+        out[fd] = n > 0 && (link[n] = '\0', strncmp(link, "socket:", 7) == 0);
+    }
+}
+
+/* Issue 10 item 5: libcurl's sockets are close-on-exec; item 6: a huge TTL does not
+ * overflow the keep-alive interval (int arithmetic before). Both failed before. */
+static void test_announce_cloexec_huge_ttl(void)
+{
+    if (!need_etcd())
+        return;
+    static bool before[1024], after[1024];
+    socket_fds(before);
+    pconn_announce_options_t ao = {.etcd_url = etcd.url, .key = "/services/cx/1",
+                                   .address = "127.0.0.1:7102", .ttl_s = 2000000000};
+    pconn_announcer_t *a = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL_FATAL(pconn_announce_start(&ao, &a, &err), PCONN_OK);
+    socket_fds(after);
+    int checked = 0;
+    for (int fd = 0; fd < 1024; fd++) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        /* only the TCP connections: libcurl 7.88 makes its multi handle's wake-up
+         * socketpair (AF_UNIX) without close-on-exec and offers no hook for it */
+        if (after[fd] && !before[fd] && getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
+            (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)) {
+            checked++;
+            CU_ASSERT_TRUE((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
+        }
+    }
+    CU_ASSERT_TRUE(checked >= 1); /* the connection to etcd, kept for the keep-alives */
+    CU_ASSERT_EQUAL(tetcd_count(&etcd, "/services/cx/"), 1);
+    pconn_announce_stop(a);
+    CU_ASSERT_EQUAL(tetcd_count(&etcd, "/services/cx/"), 0);
+}
+
 static void test_announce_bad_options(void)
 {
     pconn_announcer_t *a = (pconn_announcer_t *)&etcd;
@@ -472,6 +517,7 @@ static const test_def_t tests[] = {
     {"close_interrupts_lookup", test_close_interrupts_lookup},
     {"etcd_lookup", test_etcd_lookup},
     {"announce_and_revoke", test_announce_and_revoke},
+    {"announce_cloexec_huge_ttl", test_announce_cloexec_huge_ttl},
     {"announce_bad_options", test_announce_bad_options},
     {"killed_server_expires", test_killed_server_expires},
     {"etcd_restart", test_etcd_restart},
