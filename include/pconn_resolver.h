@@ -17,9 +17,10 @@ extern "C" {
 /* Looks host up with getaddrinfo() before every attempt and hands out its records in
  * turn as "ip:port" / "[ip6]:port", so a change in DNS is followed at the next attempt
  * and a name with several records spreads the attempts over them. host is copied; port
- * is 1-65535. A failed lookup is PCONN_ERESOLVE naming the host. The lookup itself is
- * not interruptible: pconn_close() waits for it (bounded by the system resolver's own
- * timeouts, see resolv.conf(5)). */
+ * is 1-65535. A failed lookup is PCONN_ERESOLVE naming the host. On a pconn's worker
+ * the lookup runs on a short-lived helper thread, so pconn_close() interrupts it within
+ * milliseconds (PCONN_ECLOSED); the abandoned getaddrinfo() call ends on its own, within
+ * the system resolver's timeouts (resolv.conf(5)), and frees what it made. */
 pconn_resolver_t *pconn_resolver_dns(const char *host, uint16_t port);
 
 /* Reads the address from the file at path before every attempt: the first line that is

@@ -33,8 +33,9 @@ typedef struct pconn_tcp_options_t {
 } pconn_tcp_options_t;
 
 /* A pconn_connect_fn: connects to address with tcp_options (a pconn_tcp_options_t *, NULL
- * for the defaults). When called by a pconn's worker, pconn_close() interrupts it within
- * milliseconds. Returns PCONN_OK with *conn set; PCONN_EINVAL for a malformed address,
+ * for the defaults). A host name is looked up first (getaddrinfo() on a helper thread),
+ * and connect_timeout_ms covers the lookup too. When called by a pconn's worker,
+ * pconn_close() interrupts it within milliseconds, lookup included. Returns PCONN_OK with *conn set; PCONN_EINVAL for a malformed address,
  * PCONN_ERESOLVE when the name does not resolve, PCONN_ETIMEDOUT when connect_timeout_ms
  * passes, PCONN_ECONNECT when every address refused, PCONN_ECLOSED when interrupted;
  * err's message names the address and the cause. Any thread. */

@@ -1,4 +1,5 @@
-/* dns.c - the DNS resolver: getaddrinfo() before every attempt, rotating over records. */
+/* dns.c - the DNS resolver: getaddrinfo() before every attempt, rotating over records;
+ * the pconn's close interrupts a lookup (pconn__getaddrinfo). */
 #include "internal.h"
 #include "pconn_resolver.h"
 
@@ -27,10 +28,15 @@ static int dns_resolve(void *arg, char *address, size_t size, pconn_error_t *err
     dns_t *d = arg;
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
     struct addrinfo *list = NULL;
-    int gai = getaddrinfo(d->host, NULL, &hints, &list);
-    if (gai != 0) {
-        pconn_error_set(err, PCONN_ERESOLVE, gai == EAI_SYSTEM ? errno : 0, "dns %s: %s", d->host,
-                        gai_strerror(gai));
+    int gai, sys_errno;
+    int rc = pconn__getaddrinfo(d->host, NULL, &hints, INT64_MAX, &list, &gai, &sys_errno);
+    if (rc == PCONN_ECLOSED) {
+        pconn_error_set(err, PCONN_ECLOSED, 0, "dns %s: interrupted by close", d->host);
+        return PCONN_ECLOSED;
+    }
+    if (rc != PCONN_OK) {
+        pconn_error_set(err, PCONN_ERESOLVE, gai == EAI_SYSTEM ? sys_errno : 0, "dns %s: %s",
+                        d->host, gai_strerror(gai));
         return PCONN_ERESOLVE;
     }
     unsigned n = 0;
@@ -41,7 +47,7 @@ static int dns_resolve(void *arg, char *address, size_t size, pconn_error_t *err
     for (unsigned i = 0; i < pick; i++)
         ai = ai->ai_next;
     char ip[NI_MAXHOST];
-    int rc = getnameinfo(ai->ai_addr, ai->ai_addrlen, ip, sizeof ip, NULL, 0, NI_NUMERICHOST);
+    rc = getnameinfo(ai->ai_addr, ai->ai_addrlen, ip, sizeof ip, NULL, 0, NI_NUMERICHOST);
     int family = ai->ai_family;
     freeaddrinfo(list);
     if (rc != 0) {

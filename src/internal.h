@@ -73,6 +73,17 @@ PCONN_HIDDEN int pconn__address_parse(const char *address, bool allow_port0, pco
 PCONN_HIDDEN int pconn__cancel_fd(void);
 PCONN_HIDDEN bool pconn__cancelled(void);
 
+/* getaddrinfo() bounded by deadline_ns (INT64_MAX: none) and, on a pconn's worker,
+ * interrupted by its close: the lookup then runs on a helper thread that is abandoned
+ * (it frees its answer when it ends). Elsewhere without a deadline, and when no helper
+ * thread can be started, it is a plain getaddrinfo(). PCONN_OK with *out (free with
+ * freeaddrinfo()); PCONN_ERESOLVE with *gai and *sys_errno (EAI_SYSTEM); PCONN_ETIMEDOUT;
+ * PCONN_ECLOSED. */
+struct addrinfo;
+PCONN_HIDDEN int pconn__getaddrinfo(const char *host, const char *port, const struct addrinfo *hints,
+                                    int64_t deadline_ns, struct addrinfo **out, int *gai,
+                                    int *sys_errno);
+
 /* pconn_create() with a destructor for opts->connect_arg, called when the pconn is
  * freed, or at once when creation fails. For connectors that allocate their options. */
 PCONN_HIDDEN int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),

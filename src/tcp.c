@@ -229,10 +229,21 @@ int pconn__tcp_connect_fd(const pconn_tcp_options_t *o, const char *address, pco
                              .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_NUMERICSERV};
     struct addrinfo *list = NULL;
-    int gai = getaddrinfo(a.host, a.port, &hints, &list);
-    if (gai != 0) {
-        pconn_error_set(err, PCONN_ERESOLVE, gai == EAI_SYSTEM ? errno : 0, "connect %s: resolve %s: %s",
-                        address, a.host, gai_strerror(gai));
+    int gai, sys_errno;
+    int rc = pconn__getaddrinfo(a.host, a.port, &hints, deadline, &list, &gai, &sys_errno);
+    if (rc == PCONN_ECLOSED) {
+        pconn_error_set(err, PCONN_ECLOSED, 0, "connect %s: resolve %s: interrupted by close",
+                        address, a.host);
+        return -1;
+    }
+    if (rc == PCONN_ETIMEDOUT) {
+        pconn_error_set(err, PCONN_ETIMEDOUT, 0, "connect %s: resolve %s: timed out after %lld ms",
+                        address, a.host, (long long)timeout_ms);
+        return -1;
+    }
+    if (rc != PCONN_OK) {
+        pconn_error_set(err, PCONN_ERESOLVE, gai == EAI_SYSTEM ? sys_errno : 0,
+                        "connect %s: resolve %s: %s", address, a.host, gai_strerror(gai));
         return -1;
     }
     int tried = 0, fd = -1;
