@@ -30,6 +30,22 @@
  * Waits on another pconn from a callback are allowed (its own worker answers them), but
  * two pconns whose callbacks wait on each other deadlock.
  *
+ * fork(): a child process has only the thread that forked; the workers, readers and
+ * servers stay in the parent, and every socket is shared with it. So in the child each
+ * pconn and connection made before the fork is dead, and says so at once without
+ * touching a lock, a socket or a callback: pconn_connected(), pconn_connected_or_failed()
+ * ("handle inherited across fork()"), pconn_close() and pconn_close_finished() answer
+ * PCONN_ECLOSED; pconn_current() NULL; pconn_is_closed() and pconn_conn_is_closed() true;
+ * pconn_kick() and pconn_close_when_current_closed() nothing; pconn_tcp_send_all() and
+ * pconn_rpc_call() PCONN_ECLOSED; pconn_conn_close() does not shut the shared socket
+ * down. pconn_free() and the last pconn_conn_unref() release the handle's memory and
+ * close the child's copies of its descriptors, and leave the resolver, the connect
+ * argument and the connection's internals alone (they may run user code, join threads
+ * that are not there, or write to the parent's socket). The parent notices nothing. New
+ * pconns made in the child work as anywhere. (nng aborts a child that touches an
+ * inherited socket; a child that only exec()s needs nothing: every descriptor the
+ * library opens is close-on-exec.)
+ *
  * Timeouts are int64_t milliseconds on CLOCK_MONOTONIC: PCONN_FOREVER (-1) waits without
  * end, 0 polls. Functions that can fail return PCONN_OK (0) or one of the codes below.
  */

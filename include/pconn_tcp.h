@@ -47,8 +47,8 @@ int pconn_tcp_connect(void *tcp_options, const char *address, pconn_conn_t **con
 int pconn_tcp_fd(const pconn_conn_t *conn);
 
 /* Writes all len bytes to a connection made by pconn_tcp_connect(), never raising
- * SIGPIPE. PCONN_OK, PCONN_EINVAL (not a TCP connection) or PCONN_EIO with err filled
- * (err may be NULL). Blocks until written; pconn_conn_close() makes it fail. */
+ * SIGPIPE. PCONN_OK, PCONN_EINVAL (not a TCP connection), PCONN_ECLOSED (inherited
+ * across fork(), see pconn.h) or PCONN_EIO with err filled (err may be NULL). Blocks until written; pconn_conn_close() makes it fail. */
 int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len,
                        pconn_error_t *err);
 

@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct pconn_conn_t {
     const pconn_conn_ops_t *ops;
@@ -17,6 +18,7 @@ struct pconn_conn_t {
     pthread_cond_t closed_cond;
     int watch_fd;          /* the owning pconn's wake fd, or -1 */
     char address[PCONN_ADDRESS_MAX];
+    unsigned fork_gen;     /* pconn__fork_generation() when made */
 };
 
 pconn_conn_t *pconn_conn_new(const pconn_conn_ops_t *ops, void *impl)
@@ -37,6 +39,7 @@ pconn_conn_t *pconn_conn_new(const pconn_conn_ops_t *ops, void *impl)
     atomic_init(&c->refs, 1);
     atomic_init(&c->closed, false);
     c->watch_fd = -1;
+    c->fork_gen = pconn__fork_generation();
     return c;
 fail_mutex:
     pthread_mutex_destroy(&c->mutex);
@@ -72,6 +75,15 @@ void pconn_conn_unref(pconn_conn_t *c)
         return;
     if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
         return;
+    if (pconn__conn_inherited(c)) {
+        /* The impl is the parent's (its destroy may join threads that are not here or
+         * say goodbye on the shared socket): only this process's copy of the fd goes. */
+        int fd = pconn__conn_fd(c);
+        if (fd >= 0)
+            close(fd);
+        free(c); /* not the mutex or cond: some parent thread may have held them */
+        return;
+    }
     c->ops->destroy(c->impl);
     pthread_cond_destroy(&c->closed_cond);
     pthread_mutex_destroy(&c->mutex);
@@ -80,8 +92,8 @@ void pconn_conn_unref(pconn_conn_t *c)
 
 void pconn_conn_close(pconn_conn_t *c)
 {
-    if (atomic_exchange(&c->closed, true))
-        return;
+    if (atomic_exchange(&c->closed, true) || pconn__conn_inherited(c))
+        return; /* inherited: a shutdown(2) would end the parent's connection */
     c->ops->close(c->impl);
     pconn__mutex_lock(&c->mutex);
     if (c->watch_fd >= 0)
@@ -92,11 +104,18 @@ void pconn_conn_close(pconn_conn_t *c)
 
 bool pconn_conn_is_closed(const pconn_conn_t *c)
 {
-    return atomic_load(&c->closed);
+    return atomic_load(&c->closed) || pconn__conn_inherited(c);
+}
+
+bool pconn__conn_inherited(const pconn_conn_t *c)
+{
+    return pconn__inherited(c->fork_gen);
 }
 
 int pconn_conn_wait_closed(pconn_conn_t *c, int64_t timeout_ms)
 {
+    if (pconn__conn_inherited(c))
+        return PCONN_OK; /* closed for this process */
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     int rc = PCONN_OK;
     pconn__mutex_lock(&c->mutex);

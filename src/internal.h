@@ -84,6 +84,15 @@ PCONN_HIDDEN int pconn__getaddrinfo(const char *host, const char *port, const st
                                     int64_t deadline_ns, struct addrinfo **out, int *gai,
                                     int *sys_errno);
 
+/* fork(): the generation of the process, which each fork() makes anew in the child.
+ * Handles and connections record it when made; one made in another generation is
+ * inherited, and its worker, readers and locks' owners do not exist here. The first call
+ * registers the pthread_atfork() handler. */
+PCONN_HIDDEN unsigned pconn__fork_generation(void);
+PCONN_HIDDEN bool pconn__inherited(unsigned generation);
+/* True for a connection made before a fork() that made this process. */
+PCONN_HIDDEN bool pconn__conn_inherited(const pconn_conn_t *c);
+
 /* pconn_create() with a destructor for opts->connect_arg, called when the pconn is
  * freed, or at once when creation fails. For connectors that allocate their options. */
 PCONN_HIDDEN int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),

@@ -62,6 +62,7 @@ struct pconn_t {
     pconn_error_t last_fail;
     bool aborted;
     pconn_stats_t stats;
+    unsigned fork_gen;     /* pconn__fork_generation() at create */
 };
 
 /* The pconn whose worker runs on this thread: lets built-in connectors be cancelled and
@@ -76,6 +77,54 @@ int pconn__cancel_fd(void)
 bool pconn__cancelled(void)
 {
     return tl_worker_pc != NULL && atomic_load(&tl_worker_pc->closing);
+}
+
+/* ---- fork() ---------------------------------------------------------------------- */
+
+/* A child of fork() has one thread: the one that forked. Every worker, and every lock
+ * some other thread held, stayed behind in the parent, and the descriptors are shared
+ * with it. So in the child a handle made before the fork is dead: each call answers at
+ * once without touching a lock, a descriptor or a user function (see pconn_free). */
+static atomic_uint fork_generation;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void)
+{
+    atomic_fetch_add(&fork_generation, 1);
+    tl_worker_pc = NULL; /* fork() from a callback: this thread is no worker here */
+}
+
+static void fork_register(void)
+{
+    pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+unsigned pconn__fork_generation(void)
+{
+    pthread_once(&fork_once, fork_register);
+    return atomic_load(&fork_generation);
+}
+
+bool pconn__inherited(unsigned generation)
+{
+    return atomic_load_explicit(&fork_generation, memory_order_relaxed) != generation;
+}
+
+static bool inherited(const pconn_t *pc)
+{
+    return pconn__inherited(pc->fork_gen);
+}
+
+/* pconn_free() of an inherited handle: its own memory and its copy of the wake fd. The
+ * resolver, the connect argument and the worker's connection reference are the parent's
+ * (freeing them could run user code or write to sockets the parent uses): only the
+ * connection's reference is dropped, which closes this process's copy of its fd. */
+static void free_inherited(pconn_t *pc)
+{
+    pconn_conn_unref(pc->current);
+    close(pc->wake_fd);
+    free(pc->server_name);
+    free(pc); /* not the mutex or cond: some parent thread may have held them */
 }
 
 /* ---- small helpers --------------------------------------------------------------- */
@@ -453,6 +502,7 @@ int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),
     atomic_init(&pc->inside, 0);
     pc->stats.state = PCONN_STATE_CONNECTING;
     pc->stats.state_since_ns = now_ns(pc);
+    pc->fork_gen = pconn__fork_generation();
 
     /* Set before the worker starts, so its first callback can already use *out. */
     *out = pc;
@@ -491,6 +541,12 @@ static int wait_connected(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **conn,
         *conn = NULL;
     if (pc == NULL || conn == NULL)
         return PCONN_EINVAL;
+    if (inherited(pc)) {
+        if (or_failed && err != NULL)
+            pconn_error_set(err, PCONN_ECLOSED, 0, "%s: handle inherited across fork()",
+                            pc->server_name);
+        return PCONN_ECLOSED;
+    }
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     int rc;
     bool timed_out = false;
@@ -545,6 +601,8 @@ int pconn_connected_or_failed(pconn_t *pc, int64_t timeout_ms, pconn_conn_t **co
 
 pconn_conn_t *pconn_current(pconn_t *pc)
 {
+    if (inherited(pc))
+        return NULL;
     cur_lock(pc);
     pconn_conn_t *c = pc->cur_fast;
     if (c != NULL && !pconn_conn_is_closed(c))
@@ -557,6 +615,8 @@ pconn_conn_t *pconn_current(pconn_t *pc)
 
 int pconn_close_finished(pconn_t *pc, int64_t timeout_ms)
 {
+    if (inherited(pc))
+        return PCONN_ECLOSED;
     int64_t deadline = pconn__deadline_ns(timeout_ms);
     int rc = PCONN_OK;
     lock_in(pc);
@@ -592,6 +652,8 @@ int pconn_close(pconn_t *pc, int64_t timeout_ms)
 {
     if (pc == NULL)
         return PCONN_EINVAL;
+    if (inherited(pc))
+        return PCONN_ECLOSED;
     start_close(pc);
     if (tl_worker_pc == pc)
         return PCONN_OK;
@@ -600,6 +662,8 @@ int pconn_close(pconn_t *pc, int64_t timeout_ms)
 
 void pconn_close_when_current_closed(pconn_t *pc)
 {
+    if (inherited(pc))
+        return;
     lock_in(pc);
     pc->draining = true;
     if (pc->current == NULL)
@@ -609,6 +673,8 @@ void pconn_close_when_current_closed(pconn_t *pc)
 
 void pconn_kick(pconn_t *pc)
 {
+    if (inherited(pc))
+        return;
     lock_in(pc);
     if (pc->stats.state == PCONN_STATE_WAITING) {
         pc->kicked = true;
@@ -619,7 +685,7 @@ void pconn_kick(pconn_t *pc)
 
 bool pconn_is_closed(const pconn_t *pc)
 {
-    return closing(pc);
+    return closing(pc) || inherited(pc);
 }
 
 const char *pconn_server_name(const pconn_t *pc)
@@ -629,6 +695,11 @@ const char *pconn_server_name(const pconn_t *pc)
 
 void pconn_stats(pconn_t *pc, pconn_stats_t *out)
 {
+    if (inherited(pc)) { /* the counters as they were at the fork; the lock may be held */
+        *out = pc->stats;
+        out->state = PCONN_STATE_CLOSED;
+        return;
+    }
     lock_in(pc);
     *out = pc->stats;
     unlock_out(pc);
@@ -638,6 +709,10 @@ void pconn_free(pconn_t *pc)
 {
     if (pc == NULL)
         return;
+    if (inherited(pc)) {
+        free_inherited(pc);
+        return;
+    }
     if (tl_worker_pc == pc) {
         pconn__mutex_lock(&pc->mutex);
         pc->self_free = true;

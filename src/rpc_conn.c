@@ -687,6 +687,9 @@ int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void
         version < 0 || (req == NULL && req_len > 0))
         return local_error(err, PCONN_EINVAL, "pconn_rpc_call: bad argument");
     rpc_conn_t *c = pconn_conn_impl(conn);
+    if (pconn__conn_inherited(conn)) /* its reader is the parent's; the socket too */
+        return local_error(err, PCONN_ECLOSED, "rpc %s: connection inherited across fork()",
+                           c->address);
     size_t name_len = strlen(name);
     if (name_len == 0 || name_len > RPC_NAME_MAX)
         return local_error(err, PCONN_EINVAL, "pconn_rpc_call: name of %zu bytes (1-255)", name_len);

@@ -296,6 +296,11 @@ int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len, pc
         pconn_error_set(err, PCONN_EINVAL, 0, "pconn_tcp_send_all: not a TCP connection");
         return PCONN_EINVAL;
     }
+    if (pconn__conn_inherited(conn)) {
+        pconn_error_set(err, PCONN_ECLOSED, 0, "send to %s: connection inherited across fork()",
+                        pconn_conn_address(conn));
+        return PCONN_ECLOSED;
+    }
     const char *p = buf;
     while (len > 0) {
         ssize_t n = send(fd, p, len, MSG_NOSIGNAL);

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int64_t no_delay(void *arg, unsigned failures)
@@ -708,6 +709,81 @@ static void test_line_client_sample(void)
     tserver_stop(&s);
 }
 
+/* fork(): in the child an inherited handle and connection are dead (every call answers
+ * at once, nothing shuts the shared socket down, free waits for no worker) and a new
+ * pconn works; the parent notices nothing. The child reports failures as bits. */
+static int fork_child(pconn_t *pc, pconn_conn_t *c, const char *address)
+{
+    int bad = 0;
+    pconn_conn_t *x = c;
+    pconn_error_t err = {0};
+    if (pconn_connected(pc, WAIT_MS, &x) != PCONN_ECLOSED || x != NULL)
+        bad |= 1;
+    if (pconn_connected_or_failed(pc, WAIT_MS, &x, &err) != PCONN_ECLOSED ||
+        strcmp(err.message, "tcp: handle inherited across fork()") != 0)
+        bad |= 2;
+    if (pconn_current(pc) != NULL || !pconn_is_closed(pc) || !pconn_conn_is_closed(c))
+        bad |= 4;
+    if (pconn_tcp_send_all(c, "x", 1, &err) != PCONN_ECLOSED ||
+        strstr(err.message, "inherited across fork()") == NULL)
+        bad |= 8;
+    pconn_kick(pc);
+    pconn_conn_close(c); /* must not shut the parent's socket down */
+    if (pconn_close(pc, WAIT_MS) != PCONN_ECLOSED || pconn_close_finished(pc, WAIT_MS) != PCONN_ECLOSED)
+        bad |= 16;
+    pconn_conn_unref(c);
+    pconn_free(pc);
+#ifdef __SANITIZE_THREAD__
+    (void)address; /* TSan cannot follow threads started after a multithreaded fork() */
+    return bad;
+#endif
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_t *pc2 = client_to(&rec, address, NULL);
+    pconn_conn_t *c2 = NULL;
+    char buf[8] = {0};
+    if (pc2 == NULL || pconn_connected(pc2, WAIT_MS, &c2) != PCONN_OK ||
+        pconn_tcp_send_all(c2, "kid\n", 4, NULL) != PCONN_OK ||
+        recv(pconn_tcp_fd(c2), buf, 4, MSG_WAITALL) != 4 || strcmp(buf, "kid\n") != 0)
+        bad |= 32;
+    pconn_conn_unref(c2);
+    pconn_free(pc2);
+    return bad;
+}
+
+static void test_fork_child_inherits_dead_handle(void)
+{
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_ECHO), 0);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_t *pc = client_to(&rec, s.address, NULL);
+    pconn_conn_t *c = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &c), PCONN_OK);
+    fflush(NULL);
+    pid_t pid = fork();
+    CU_ASSERT_FATAL(pid >= 0);
+    if (pid == 0)
+        _exit(fork_child(pc, c, s.address));
+    int status = -1;
+    CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
+    CU_ASSERT_TRUE(WIFEXITED(status));
+    CU_ASSERT_EQUAL(WEXITSTATUS(status), 0);
+    /* The parent's connection still works, and it saw no DISCONNECTED. */
+    CU_ASSERT_FALSE(pconn_conn_is_closed(c));
+    CU_ASSERT_EQUAL(pconn_tcp_send_all(c, "mom\n", 4, NULL), PCONN_OK);
+    char buf[8] = {0};
+    CU_ASSERT_EQUAL(recv(pconn_tcp_fd(c), buf, 4, MSG_WAITALL), 4);
+    CU_ASSERT_STRING_EQUAL(buf, "mom\n");
+    char seq[64];
+    rec_letters(&rec, seq, sizeof seq);
+    CU_ASSERT_STRING_EQUAL(seq, "AOC");
+    pconn_conn_unref(c);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    tserver_stop(&s);
+}
+
 static const test_def_t tests[] = {
     {"line_client_sample", test_line_client_sample},
     {"connect_and_echo", test_connect_and_echo},
@@ -731,6 +807,7 @@ static const test_def_t tests[] = {
     {"listen_unix_live", test_listen_unix_live},
     {"local_address_unnamed", test_local_address_unnamed},
     {"listen_errors", test_listen_errors},
+    {"fork_child_inherits_dead_handle", test_fork_child_inherits_dead_handle},
     {NULL, NULL},
 };
 
