@@ -168,6 +168,13 @@ pconn_resolver_t *pconn_resolver_new(pconn_resolve_fn fn, void *arg, void (*dest
  * ENOMEM. */
 pconn_resolver_t *pconn_resolver_static(const char *const *addresses, size_t n);
 
+/* pconn_resolver_static() for the built-in connectors (TCP, Unix, RPC), checking each
+ * address first: "host:port" or "[v6]:port" with a port of 1-65535, or "unix:PATH"
+ * ("unix:@name": abstract). PCONN_OK with *out; PCONN_EINVAL with err naming the address
+ * and what is wrong with it, and *out NULL; PCONN_ENOMEM. err may be NULL. */
+int pconn_resolver_static_checked(const char *const *addresses, size_t n, pconn_resolver_t **out,
+                                  pconn_error_t *err);
+
 /* Asks r for one address. PCONN_OK, or the resolver's error with err filled; a resolver
  * that fails without setting err->message gets a generic one. Calls to one resolver
  * must not overlap: a pconn's worker calls it; do not call it yourself while a pconn

@@ -108,7 +108,9 @@ typedef struct pconn_rpc_options_t {
 
 /* The persistent connection of RPC connections: pconn_create() whose connect makes an
  * RPC connection (TCP connect, transport, handshake) to the resolver's address. Results
- * and ownership as pconn_create(). */
+ * and ownership as pconn_create(); also PCONN_EINVAL for a static resolver holding an
+ * address that is not "host:port", "[v6]:port" or "unix:PATH" (it would fail forever;
+ * pconn_resolver_static_checked() tells which and why). */
 int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
 
 /* Calls (name, version) with req on conn, an RPC connection (from pconn_connected() of

@@ -54,7 +54,10 @@ int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len,
 
 /* The one-call persistent TCP connection: pconn_create() with connect set to
  * pconn_tcp_connect and a copy of *tcp (NULL: defaults) as its argument. opts->connect
- * and opts->connect_arg are ignored. Ownership and results as pconn_create(). */
+ * and opts->connect_arg are ignored. Ownership and results as pconn_create(); also
+ * PCONN_EINVAL for a static resolver holding an address that is not "host:port",
+ * "[v6]:port" or "unix:PATH" (it would fail forever; pconn_resolver_static_checked()
+ * tells which and why). */
 int pconn_tcp_create(const pconn_options_t *opts, const pconn_tcp_options_t *tcp,
                      pconn_t **out);
 

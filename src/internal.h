@@ -93,6 +93,11 @@ PCONN_HIDDEN bool pconn__inherited(unsigned generation);
 /* True for a connection made before a fork() that made this process. */
 PCONN_HIDDEN bool pconn__conn_inherited(const pconn_conn_t *c);
 
+/* For the built-in connectors: PCONN_EINVAL with err naming the address when r is a
+ * static resolver holding an address they cannot parse (it would fail every attempt,
+ * forever); PCONN_OK for every other resolver. */
+PCONN_HIDDEN int pconn__resolver_check_addresses(const pconn_resolver_t *r, pconn_error_t *err);
+
 /* pconn_create() with a destructor for opts->connect_arg, called when the pconn is
  * freed, or at once when creation fails. For connectors that allocate their options. */
 PCONN_HIDDEN int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),

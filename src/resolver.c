@@ -92,6 +92,53 @@ static int static_resolve(void *arg, char *address, size_t size, pconn_error_t *
     return PCONN_OK;
 }
 
+int pconn__resolver_check_addresses(const pconn_resolver_t *r, pconn_error_t *err)
+{
+    if (r == NULL || r->fn != static_resolve)
+        return PCONN_OK; /* answers known only at resolve time */
+    const static_list_t *l = r->arg;
+    pconn__addr_t a;
+    for (size_t i = 0; i < l->n; i++)
+        if (pconn__address_parse(l->addresses[i], false, &a, err) != PCONN_OK)
+            return PCONN_EINVAL;
+    return PCONN_OK;
+}
+
+int pconn_resolver_static_checked(const char *const *addresses, size_t n, pconn_resolver_t **out,
+                                  pconn_error_t *err)
+{
+    pconn_error_t local;
+    if (err == NULL)
+        err = &local;
+    if (out != NULL)
+        *out = NULL;
+    if (out == NULL || addresses == NULL || n == 0) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "static resolver: %s",
+                        out == NULL ? "no place for the result" : "no addresses");
+        return PCONN_EINVAL;
+    }
+    pconn__addr_t a;
+    for (size_t i = 0; i < n; i++) {
+        if (addresses[i] == NULL) {
+            pconn_error_set(err, PCONN_EINVAL, 0, "static resolver: address %zu is NULL", i);
+            return PCONN_EINVAL;
+        }
+        if (strlen(addresses[i]) >= PCONN_ADDRESS_MAX) {
+            pconn_error_set(err, PCONN_EINVAL, 0, "static resolver: address %zu is longer than %d bytes",
+                            i, PCONN_ADDRESS_MAX - 1);
+            return PCONN_EINVAL;
+        }
+        if (pconn__address_parse(addresses[i], false, &a, err) != PCONN_OK)
+            return PCONN_EINVAL;
+    }
+    *out = pconn_resolver_static(addresses, n);
+    if (*out == NULL) {
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "static resolver: out of memory");
+        return PCONN_ENOMEM;
+    }
+    return PCONN_OK;
+}
+
 pconn_resolver_t *pconn_resolver_static(const char *const *addresses, size_t n)
 {
     if (addresses == NULL || n == 0 || n > SIZE_MAX / sizeof(char *) - 1) {

@@ -38,8 +38,13 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)
         *out = NULL;
     if (opts == NULL)
         return PCONN_EINVAL;
-    int rc = PCONN_ENOMEM;
-    rpc_client_t *cl = calloc(1, sizeof *cl);
+    pconn_error_t err;
+    rpc_client_t *cl = NULL;
+    int rc = pconn__resolver_check_addresses(opts->base.resolver, &err);
+    if (rc != PCONN_OK)
+        goto fail;
+    rc = PCONN_ENOMEM;
+    cl = calloc(1, sizeof *cl);
     if (cl == NULL)
         goto fail;
     cl->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;

@@ -325,6 +325,13 @@ static void free_options(void *arg)
 
 int pconn_tcp_create(const pconn_options_t *opts, const pconn_tcp_options_t *tcp, pconn_t **out)
 {
+    pconn_error_t err;
+    if (opts != NULL && pconn__resolver_check_addresses(opts->resolver, &err) != PCONN_OK) {
+        pconn_resolver_free(opts->resolver);
+        if (out != NULL)
+            *out = NULL;
+        return PCONN_EINVAL;
+    }
     pconn_tcp_options_t *copy = calloc(1, sizeof *copy);
     if (copy != NULL && tcp != NULL) {
         *copy = *tcp;

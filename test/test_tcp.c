@@ -456,17 +456,28 @@ static void test_address_errors(void)
     CU_ASSERT_EQUAL(pconn_tcp_connect(NULL, NULL, &c, &err), PCONN_EINVAL);
     CU_ASSERT_EQUAL(pconn_tcp_connect(NULL, "127.0.0.1:1", NULL, &err), PCONN_EINVAL);
 
-    /* Through a pconn: a FAILED_TO_CONNECT naming the address and the reason. */
+    /* Through a pconn whose resolver answers later (a static list is refused at create,
+     * see static_addresses_checked): a FAILED_TO_CONNECT naming the file, the address
+     * and the reason. */
+    char path[] = "/tmp/pconn-addr-XXXXXX";
+    int fd = mkstemp(path);
+    CU_ASSERT_FATAL(fd >= 0);
+    CU_ASSERT_EQUAL(write(fd, "db.example:70000\n", 17), 17);
+    close(fd);
     recorder_t rec;
     rec_init(&rec);
-    pconn_t *pc = client_to(&rec, "db.example:70000", NULL);
+    pconn_t *pc = client(&rec, pconn_resolver_file(path), NULL);
     int i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
     CU_ASSERT_FATAL(i >= 0);
     rec_event_t f = rec_get(&rec, i);
-    CU_ASSERT_EQUAL(f.error.code, PCONN_EINVAL);
-    CU_ASSERT_STRING_EQUAL(f.error.message, "address db.example:70000: port 70000 outside 1-65535");
+    CU_ASSERT_EQUAL(f.error.code, PCONN_ERESOLVE);
+    char want[160];
+    snprintf(want, sizeof want, "address file %s: address db.example:70000: port 70000 outside 1-65535",
+             path);
+    CU_ASSERT_STRING_EQUAL(f.error.message, want);
     pconn_free(pc);
     rec_destroy(&rec);
+    unlink(path);
 }
 
 static void test_send_after_close_no_sigpipe(void)
@@ -784,6 +795,60 @@ static void test_fork_child_inherits_dead_handle(void)
     tserver_stop(&s);
 }
 
+/* Malformed static addresses are refused at creation with the reason, instead of being
+ * retried forever; resolvers whose answers come later are not judged at creation. */
+static void test_static_addresses_checked(void)
+{
+    static const struct {
+        const char *address, *message;
+    } bad[] = {
+        {"localhost", "address localhost: no port (want host:port)"},
+        {"db:0", "address db:0: port 0 outside 1-65535"},
+        {"db:70000", "address db:70000: port 70000 outside 1-65535"},
+        {"db:http", "address db:http: port is not a number"},
+        {"[::1:80", "address [::1:80: no closing ']'"},
+        {"::1:80", "address ::1:80: an IPv6 address needs brackets: [v6]:port"},
+        {"unix:", "address unix:: empty unix socket path"},
+        {"d b:80", "address d b:80: bad character in host at byte 1"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *list[] = {"127.0.0.1:80", bad[i].address};
+        pconn_resolver_t *r = (pconn_resolver_t *)list;
+        pconn_error_t err = {0};
+        CU_ASSERT_EQUAL(pconn_resolver_static_checked(list, 2, &r, &err), PCONN_EINVAL);
+        CU_ASSERT_PTR_NULL(r);
+        CU_ASSERT_EQUAL(err.code, PCONN_EINVAL);
+        CU_ASSERT_STRING_EQUAL(err.message, bad[i].message);
+        /* The one-call creates refuse the same list (and free the resolver). */
+        pconn_options_t o = {.server_name = "s", .resolver = pconn_resolver_static(list, 2)};
+        pconn_t *pc = (pconn_t *)list;
+        CU_ASSERT_EQUAL(pconn_tcp_create(&o, NULL, &pc), PCONN_EINVAL);
+        CU_ASSERT_PTR_NULL(pc);
+    }
+    const char *nul[] = {"127.0.0.1:80", NULL};
+    pconn_error_t err = {0};
+    pconn_resolver_t *r = NULL;
+    CU_ASSERT_EQUAL(pconn_resolver_static_checked(nul, 2, &r, &err), PCONN_EINVAL);
+    CU_ASSERT_STRING_EQUAL(err.message, "static resolver: address 1 is NULL");
+    CU_ASSERT_EQUAL(pconn_resolver_static_checked(nul, 0, &r, &err), PCONN_EINVAL);
+    CU_ASSERT_STRING_EQUAL(err.message, "static resolver: no addresses");
+    CU_ASSERT_EQUAL(pconn_resolver_static_checked(nul, 1, NULL, NULL), PCONN_EINVAL);
+
+    const char *good[] = {"db.example:5432", "[::1]:1", "unix:/tmp/x.sock", "unix:@abstract", "h:65535"};
+    CU_ASSERT_EQUAL(pconn_resolver_static_checked(good, 5, &r, &err), PCONN_OK);
+    CU_ASSERT_PTR_NOT_NULL(r);
+    char address[PCONN_ADDRESS_MAX];
+    CU_ASSERT_EQUAL(pconn_resolve(r, address, sizeof address, &err), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(address, "db.example:5432");
+    pconn_resolver_free(r);
+
+    /* A file resolver is judged per answer, as before. */
+    pconn_options_t o = {.server_name = "s", .resolver = pconn_resolver_file("/nonexistent")};
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL(pconn_tcp_create(&o, NULL, &pc), PCONN_OK);
+    pconn_free(pc);
+}
+
 static const test_def_t tests[] = {
     {"line_client_sample", test_line_client_sample},
     {"connect_and_echo", test_connect_and_echo},
@@ -807,6 +872,7 @@ static const test_def_t tests[] = {
     {"listen_unix_live", test_listen_unix_live},
     {"local_address_unnamed", test_local_address_unnamed},
     {"listen_errors", test_listen_errors},
+    {"static_addresses_checked", test_static_addresses_checked},
     {"fork_child_inherits_dead_handle", test_fork_child_inherits_dead_handle},
     {NULL, NULL},
 };
