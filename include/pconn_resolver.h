@@ -87,8 +87,10 @@ typedef struct pconn_announcer_t pconn_announcer_t;
 int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t **out,
                          pconn_error_t *err);
 
-/* Stops keeping the lease alive and revokes it, so the key goes at once (best effort,
- * bounded by a 2 s request timeout), then frees a. NULL is ignored. */
+/* Stops keeping the lease alive and revokes it, so the key goes at once, then frees a.
+ * Returns within 2 s whatever etcd does: a keep-alive in flight is cut short, and the
+ * revoke gets what is left of the 2 s (best effort: when etcd does not answer in time,
+ * the key goes when the lease expires, after ttl_s). NULL is ignored. */
 void pconn_announce_stop(pconn_announcer_t *a);
 
 #ifdef __cplusplus

@@ -12,6 +12,7 @@
 #define REQUEST_TIMEOUT_MS 2000
 #define MAX_ANSWER_BYTES (64 * 1024)
 #define RETRY_MS 500 /* while etcd is unreachable */
+#define STOP_BOUND_MS 2000 /* pconn_announce_stop(), revoke included */
 
 struct pconn_announcer_t {
     pthread_t thread;
@@ -111,16 +112,27 @@ static int keep_alive(pconn_announcer_t *a, pconn_error_t *err)
     return rc;
 }
 
-static void revoke(pconn_announcer_t *a)
+/* Sets the request timeout to what is left until deadline_ns; false when nothing is. */
+static bool budget(pconn_announcer_t *a, int64_t deadline_ns)
+{
+    int64_t left_ms = (deadline_ns - pconn__mono_ns()) / 1000000;
+    a->http.timeout_ms = left_ms;
+    return left_ms > 0;
+}
+
+/* Best effort, all of it over by deadline_ns. */
+static void revoke(pconn_announcer_t *a, int64_t deadline_ns)
 {
     if (a->lease[0] == '\0')
         return;
     char body[64];
     snprintf(body, sizeof body, "{\"ID\":\"%s\"}", a->lease);
-    json_t *root;
+    json_t *root = NULL;
     pconn_error_t err;
     /* etcd 3.5 moved the route; 3.4 (Debian 12) has only the older one. */
-    if (etcd_call(a, "/v3/lease/revoke", body, &root, &err) == PCONN_EUNIMPLEMENTED)
+    if (budget(a, deadline_ns) &&
+        etcd_call(a, "/v3/lease/revoke", body, &root, &err) == PCONN_EUNIMPLEMENTED &&
+        budget(a, deadline_ns))
         etcd_call(a, "/v3/kv/lease/revoke", body, &root, &err);
     json_decref(root);
     a->lease[0] = '\0';
@@ -212,7 +224,7 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
     }
     int rc = register_instance(a, err);
     if (rc == PCONN_OK && pconn__thread_start(&a->thread, announce_main, a, 0, false) != 0) {
-        revoke(a);
+        revoke(a, pconn__deadline_ns(STOP_BOUND_MS));
         rc = PCONN_ENOMEM;
         pconn_error_set(err, rc, EAGAIN, "pconn_announce_start: thread");
     }
@@ -228,11 +240,14 @@ void pconn_announce_stop(pconn_announcer_t *a)
 {
     if (a == NULL)
         return;
+    int64_t deadline = pconn__deadline_ns(STOP_BOUND_MS);
     pconn__mutex_lock(&a->mutex);
     a->stop = true;
     pthread_cond_broadcast(&a->cond);
     pconn__mutex_unlock(&a->mutex);
+    pconn__http_abort(&a->http); /* a keep-alive in flight ends now, not at its timeout */
     pthread_join(a->thread, NULL);
-    revoke(a);
+    atomic_store(&a->http.aborted, false);
+    revoke(a, deadline);
     destroy(a);
 }

@@ -7,6 +7,7 @@
 #include "pconn_resolver.h"
 
 #include <curl/curl.h>
+#include <stdatomic.h>
 
 /* Addresses of the instances a catalog listed. */
 typedef struct pconn__addr_list_t {
@@ -37,6 +38,7 @@ typedef struct pconn__http_t {
     char *ca_file;
     int64_t timeout_ms;
     size_t max_bytes;
+    atomic_bool aborted;   /* pconn__http_abort(): requests fail at once until cleared */
 } pconn__http_t;
 
 typedef struct pconn__http_reply_t {
@@ -53,6 +55,9 @@ PCONN_HIDDEN void pconn__http_cleanup(pconn__http_t *h);
  * naming url. Free reply->body. */
 PCONN_HIDDEN int pconn__http_request(pconn__http_t *h, const char *url, const char *post_body,
                                      pconn__http_reply_t *reply, pconn_error_t *err);
+/* From any thread: cuts the request in flight short and makes the next ones fail at
+ * once (PCONN_ECLOSED), until the owner stores false in h->aborted. */
+PCONN_HIDDEN void pconn__http_abort(pconn__http_t *h);
 /* True for http:// and https:// URLs. */
 PCONN_HIDDEN bool pconn__http_url_ok(const char *url);
 

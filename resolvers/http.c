@@ -60,6 +60,7 @@ int pconn__http_init(pconn__http_t *h, int64_t timeout_ms, size_t max_bytes,
         return PCONN_ENOMEM;
     h->timeout_ms = timeout_ms;
     h->max_bytes = max_bytes;
+    atomic_init(&h->aborted, false);
     h->multi = curl_multi_init();
     h->easy = curl_easy_init();
     if (h->multi == NULL || h->easy == NULL)
@@ -134,13 +135,24 @@ static void setup(pconn__http_t *h, const char *url, const char *post_body, sink
     }
 }
 
-/* Runs the transfer; CURLE_OK or the failure; *cancelled when close cut it short. */
+void pconn__http_abort(pconn__http_t *h)
+{
+    atomic_store(&h->aborted, true);
+    curl_multi_wakeup(h->multi); /* thread-safe: ends a curl_multi_poll() at once */
+}
+
+/* Runs the transfer; CURLE_OK or the failure; *cancelled when close or
+ * pconn__http_abort() cut it short. */
 static CURLcode perform(pconn__http_t *h, bool *cancelled)
 {
     int cancel_fd = pconn__cancel_fd();
     curl_multi_add_handle(h->multi, h->easy);
     CURLcode result = CURLE_OK;
     for (;;) {
+        if (atomic_load(&h->aborted)) {
+            *cancelled = true;
+            break;
+        }
         int running = 0;
         CURLMcode mc = curl_multi_perform(h->multi, &running);
         if (mc != CURLM_OK) {
