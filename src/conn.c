@@ -90,6 +90,16 @@ void pconn_conn_unref(pconn_conn_t *c)
     free(c);
 }
 
+void pconn__conn_release(pconn_conn_t *c)
+{
+    /* Alone with it, nobody can see it closed: destroy closes the fd, and a shutdown(2)
+     * first would only cost a system call. No one can take a new reference meanwhile:
+     * references come from holders, and the pconn no longer hands it out. */
+    if (atomic_load_explicit(&c->refs, memory_order_acquire) != 1)
+        pconn_conn_close(c);
+    pconn_conn_unref(c);
+}
+
 void pconn_conn_close(pconn_conn_t *c)
 {
     if (atomic_exchange(&c->closed, true) || pconn__conn_inherited(c))

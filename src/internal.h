@@ -47,6 +47,10 @@ PCONN_HIDDEN void pconn__clock_sleep(pconn_clock_t *clk, int64_t deadline_ns, in
 PCONN_HIDDEN void pconn__conn_set_address(pconn_conn_t *c, const char *address);
 /* Asks for a pconn__wake(wake_fd) when c is closed; -1 stops that. */
 PCONN_HIDDEN void pconn__conn_watch(pconn_conn_t *c, int wake_fd);
+/* pconn_conn_close() then pconn_conn_unref(), without the close when the caller holds
+ * the only reference (destroy follows at once). For the worker, once the pconn no longer
+ * hands c out. */
+PCONN_HIDDEN void pconn__conn_release(pconn_conn_t *c);
 /* ops->fd(impl), or -1 when there is none. */
 PCONN_HIDDEN int pconn__conn_fd(const pconn_conn_t *c);
 /* The ops a connection was made with: tells a connection type its own connections. */

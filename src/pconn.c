@@ -247,7 +247,8 @@ static void wait_conn_end_locked(pconn_t *pc, pconn_conn_t *conn, int fd)
         int rc = poll(pfd, fd >= 0 ? 2 : 1, -1);
         bool hung_up = rc > 0 && fd >= 0 &&
                        (pfd[1].revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
-        pconn__wake_drain(pc->wake_fd);
+        if (rc > 0 && pfd[0].revents != 0)
+            pconn__wake_drain(pc->wake_fd); /* a read(2) saved on every hang-up */
         pconn__mutex_lock(&pc->mutex);
         if (hung_up)
             return;
@@ -326,8 +327,7 @@ static void run_connection_locked(pconn_t *pc, pconn_conn_t *conn, const char *a
      * DISCONNECTED: a holder that lets go of the connection when told sees it destroyed
      * at once. */
     pconn__conn_watch(conn, -1);
-    pconn_conn_close(conn);
-    pconn_conn_unref(conn);
+    pconn__conn_release(conn);
     pconn__mutex_lock(&pc->mutex);
     emit_locked(pc, PCONN_EVENT_DISCONNECTED, address, NULL, NULL);
     if (pc->draining)

@@ -123,6 +123,8 @@ static int wait_connect_done(int fd, int64_t deadline, const char *address, cons
             }
             pconn__wake_drain(cancel_fd); /* a kick: the worker re-checks its flags later */
         }
+        if (pfd[0].revents == POLLOUT)
+            return PCONN_OK; /* a failed connect also shows POLLERR: no getsockopt() */
         if (pfd[0].revents != 0) {
             int soerr = 0;
             socklen_t len = sizeof soerr;
@@ -152,12 +154,16 @@ static int connect_one(const struct sockaddr *sa, socklen_t salen, int family,
         pconn_error_set(err, PCONN_ECONNECT, errno, "connect %s: socket", address);
         return -1;
     }
-    if (family != AF_UNIX) {
+    if (family != AF_UNIX && o->bind_address != NULL &&
+        bind_local(fd, family, o->bind_address, address, err) != PCONN_OK)
+        goto fail;
+    int rc = connect(fd, sa, salen);
+    int e = errno;
+    /* The options need no round trip: set while the handshake is on its way. */
+    if (family != AF_UNIX)
         apply_tcp_options(fd, o);
-        if (o->bind_address != NULL && bind_local(fd, family, o->bind_address, address, err) != PCONN_OK)
-            goto fail;
-    }
-    if (connect(fd, sa, salen) != 0) {
+    errno = e;
+    if (rc != 0) {
         if (errno == EAGAIN && family == AF_UNIX) {
             pconn_error_set(err, PCONN_ECONNECT, EAGAIN, "connect %s: listen backlog full", address);
             goto fail;
