@@ -50,9 +50,13 @@ TEST_COMMON := $(patsubst %.c,$(B)/%.o,$(wildcard test/common*.c))
 TEST_BINS   := $(TEST_SUITES:%=$(B)/test/%)
 SAMPLES     := $(patsubst samples/%.c,$(B)/samples/%,$(wildcard samples/*.c))
 BENCH_BINS  := $(patsubst test/bench/%.c,$(B)/bench/%,$(wildcard test/bench/bench_*.c))
+STRESS_BINS := $(patsubst test/stress/%.c,$(B)/stress/%,$(wildcard test/stress/*.c))
+# make stress: the chaos soak, STRESS_ROUNDS rounds (CI runs a short one).
+STRESS_ROUNDS ?= 1000
 
 .SECONDARY:
-.PHONY: all lib check demo bench bench-build fuzz fuzz-build install uninstall clean deps lint tests
+.PHONY: all lib check demo bench bench-build fuzz fuzz-build install uninstall clean deps lint tests \
+        stress stress-build
 
 all: lib $(SAMPLES)
 lib: $(B)/libpconn.a $(B)/$(SONAME) $(B)/pconn.pc
@@ -93,6 +97,11 @@ $(B)/bench/%: $(B)/test/bench/%.o $(TEST_COMMON) $(B)/libpconn.a
 	@echo "  LINK    $@"
 	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit -lzmq -lm
 
+$(B)/stress/%: $(B)/test/stress/%.o $(TEST_COMMON) $(B)/libpconn.a
+	@mkdir -p $(dir $@)
+	@echo "  LINK    $@"
+	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit
+
 tests: $(TEST_BINS) $(SAMPLES)
 
 check: deps
@@ -113,6 +122,11 @@ bench-build: $(BENCH_BINS)
 bench: deps
 	@$(MAKE) --no-print-directory bench-build
 	test/bench/run.sh $(B)
+
+stress-build: $(STRESS_BINS) $(B)/samples/pconn
+stress: deps
+	@$(MAKE) --no-print-directory stress-build
+	test/stress/run.sh $(B) "$(SANITIZE)" $(STRESS_ROUNDS)
 
 fuzz: deps
 	@$(MAKE) --no-print-directory -f test/fuzz/fuzz.mk fuzz-run
