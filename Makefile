@@ -97,6 +97,10 @@ $(B)/bench/%: $(B)/test/bench/%.o $(TEST_COMMON) $(B)/libpconn.a
 	@echo "  LINK    $@"
 	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit -lzmq -lm
 
+# The fault suite wraps the system calls the library makes (see test/test_faults.c).
+$(B)/test/test_faults: LDFLAGS += -Wl,--wrap=connect,--wrap=send,--wrap=sendmsg,--wrap=recv \
+	-Wl,--wrap=read,--wrap=write,--wrap=poll,--wrap=malloc,--wrap=calloc,--wrap=pthread_create
+
 $(B)/stress/%: $(B)/test/stress/%.o $(TEST_COMMON) $(B)/libpconn.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK    $@"

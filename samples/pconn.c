@@ -84,7 +84,15 @@ static int serve(int argc, char **argv)
     printf("listening on %s\n", address);
     fflush(stdout);
 
-    struct pollfd pfd[256] = {{.fd = lfd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+    /* One reply per line, however the lines arrive: split over reads or several in one.
+     * A line longer than the buffer is answered in pieces. */
+    static struct pollfd pfd[256];
+    static struct {
+        char buf[1024];
+        size_t len;
+    } in[256];
+    pfd[0] = (struct pollfd){.fd = lfd, .events = POLLIN};
+    pfd[1] = (struct pollfd){.fd = sfd, .events = POLLIN};
     nfds_t n = 2;
     while (!(pfd[1].revents & POLLIN)) {
         if (poll(pfd, n, -1) < 0)
@@ -92,22 +100,34 @@ static int serve(int argc, char **argv)
         for (nfds_t i = n; i-- > 2;) {
             if (!pfd[i].revents)
                 continue;
-            char buf[4096], reply[4200];
-            ssize_t got = recv(pfd[i].fd, buf, sizeof buf - 1, 0);
+            ssize_t got = recv(pfd[i].fd, in[i].buf + in[i].len, sizeof in[i].buf - in[i].len, 0);
             if (got <= 0) {
                 close(pfd[i].fd);
                 pfd[i] = pfd[--n];
+                in[i] = in[n];
                 continue;
             }
-            buf[got] = '\0';
-            buf[strcspn(buf, "\n")] = '\0';
-            int len = snprintf(reply, sizeof reply, "%s: %s\n", name, buf);
-            (void)!send(pfd[i].fd, reply, (size_t)len, MSG_NOSIGNAL);
+            in[i].len += (size_t)got;
+            char *start = in[i].buf, *end = in[i].buf + in[i].len, *nl;
+            while ((nl = memchr(start, '\n', (size_t)(end - start))) != NULL ||
+                   (start == in[i].buf && in[i].len == sizeof in[i].buf)) {
+                size_t line = nl != NULL ? (size_t)(nl - start) : in[i].len;
+                char reply[sizeof in[i].buf + 300];
+                int len = snprintf(reply, sizeof reply, "%s: %.*s\n", name, (int)line, start);
+                (void)!send(pfd[i].fd, reply, (size_t)len, MSG_NOSIGNAL);
+                start += line + (nl != NULL);
+                if (nl == NULL)
+                    break;
+            }
+            in[i].len = (size_t)(end - start);
+            memmove(in[i].buf, start, in[i].len);
         }
         if ((pfd[0].revents & POLLIN) && n < 256) {
             int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-            if (fd >= 0)
+            if (fd >= 0) {
+                in[n].len = 0;
                 pfd[n++] = (struct pollfd){.fd = fd, .events = POLLIN};
+            }
         }
     }
     pconn_announce_stop(announcer);
