@@ -195,7 +195,9 @@ static void fail_calls(rpc_conn_t *c, int code, const char *msg)
     pconn__mutex_unlock(&c->lock);
 }
 
-/* The reader's way out: fail the calls, then close the connection for everyone. */
+/* The reader's way out: the reason first, then the connection closed for everyone (so
+ * a woken caller that asks its pconn again never gets this connection back, issue 9
+ * defect 10), then the calls woken with the reason (rpc_close does it, or this). */
 static void fail(rpc_conn_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 {
@@ -205,8 +207,15 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
     int n = snprintf(msg, sizeof msg, "rpc %s: ", c->address);
     vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, ap);
     va_end(ap);
-    fail_calls(c, code, msg);
+    pconn__mutex_lock(&c->lock);
+    if (!c->failed) {
+        c->failed = true;
+        c->fail_code = code;
+        snprintf(c->fail_msg, sizeof c->fail_msg, "%s", msg);
+    }
+    pconn__mutex_unlock(&c->lock);
     pconn_conn_close(c->conn);
+    fail_calls(c, code, msg);
 }
 
 /* ---- reading ------------------------------------------------------------------- */
