@@ -46,7 +46,11 @@ typedef struct pconn_rpc_impls_t pconn_rpc_impls_t;
  * block the library then frees) and return PCONN_OK, or return an error code with err
  * set: the caller then gets PCONN_EREMOTE and err's message. Runs on a thread of the
  * library's handler pool, so a slow handler does not hold up the others; req is valid
- * until it returns. */
+ * until it returns. A handler may call anything, pconn_free() of its own pconn included
+ * (its pool then finishes the queued handlers after it, without waiting for it); when
+ * no pool thread can be started the caller gets PCONN_EREMOTE "no thread to run the
+ * handler" at once. Handlers of a pconn still running when pconn_free() returns from
+ * another thread: none (it waits for them), except after pconn_free() from a handler. */
 typedef int (*pconn_rpc_handler_fn)(void *arg, const void *req, size_t req_len,
                                     pconn_buf_t *resp, pconn_error_t *err);
 
@@ -60,7 +64,9 @@ pconn_rpc_impls_t *pconn_rpc_impls_new(void);
 int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
                         pconn_rpc_handler_fn fn, void *arg);
 
-/* Frees the set. NULL is ignored. Only after every server and pconn using it is gone. */
+/* Drops the caller's reference to the set. Every server, pconn and connection using it
+ * holds a reference of its own, so this may be called as soon as they were created; the
+ * set goes with the last user. NULL is ignored. */
 void pconn_rpc_impls_free(pconn_rpc_impls_t *impls);
 
 /* Inside a handler: the connection the query came over (borrowed for the handler's
@@ -99,7 +105,7 @@ typedef struct pconn_heartbeat_t {
 typedef struct pconn_rpc_options_t {
     pconn_options_t base;                 /* all but connect/connect_arg, which rpc sets */
     const char *bind_address;             /* NULL: any; else a local IP, port 0 */
-    pconn_rpc_impls_t *implementations;   /* NULL: none; borrowed, must outlive the pconn */
+    pconn_rpc_impls_t *implementations;   /* NULL: none; the pconn keeps a reference */
     size_t max_message_size;              /* 0: 100 MiB; at least 512 */
     int64_t handshake_timeout_ms;         /* TCP connect and handshake together; 0: 30 s */
     pconn_heartbeat_t heartbeat;          /* zeros: 30 s timeout, sent every 10 s */
@@ -133,7 +139,7 @@ typedef struct pconn_rpc_server_t pconn_rpc_server_t;
 
 typedef struct pconn_rpc_server_options_t {
     const char *listen_address;          /* "127.0.0.1:0" picks a free port; "unix:/p" */
-    pconn_rpc_impls_t *implementations;  /* borrowed, must outlive the server */
+    pconn_rpc_impls_t *implementations;  /* the server keeps a reference */
     size_t max_message_size;             /* 0: 100 MiB; at least 512 */
     int64_t handshake_timeout_ms;        /* a peer silent this long is dropped; 0: 30 s */
     pconn_heartbeat_t heartbeat;         /* zeros: 30 s timeout, sent every 10 s */

@@ -19,6 +19,7 @@ struct pconn_conn_t {
     int watch_fd;          /* the owning pconn's wake fd, or -1 */
     char address[PCONN_ADDRESS_MAX];
     unsigned fork_gen;     /* pconn__fork_generation() when made */
+    void (*quiesce)(void *impl); /* see pconn__conn_set_quiesce() */
 };
 
 pconn_conn_t *pconn_conn_new(const pconn_conn_ops_t *ops, void *impl)
@@ -97,7 +98,14 @@ void pconn__conn_release(pconn_conn_t *c)
      * references come from holders, and the pconn no longer hands it out. */
     if (atomic_load_explicit(&c->refs, memory_order_acquire) != 1)
         pconn_conn_close(c);
+    if (c->quiesce != NULL && !pconn__conn_inherited(c))
+        c->quiesce(c->impl);
     pconn_conn_unref(c);
+}
+
+void pconn__conn_set_quiesce(pconn_conn_t *c, void (*quiesce)(void *impl))
+{
+    c->quiesce = quiesce;
 }
 
 void pconn_conn_close(pconn_conn_t *c)

@@ -51,6 +51,10 @@ PCONN_HIDDEN void pconn__conn_watch(pconn_conn_t *c, int wake_fd);
  * the only reference (destroy follows at once). For the worker, once the pconn no longer
  * hands c out. */
 PCONN_HIDDEN void pconn__conn_release(pconn_conn_t *c);
+/* For a connection type whose threads hold references of their own: quiesce(impl) is
+ * called by pconn__conn_release() after the close and before the owner's unref, to wait
+ * for those threads and take their references over. Set before the connection is used. */
+PCONN_HIDDEN void pconn__conn_set_quiesce(pconn_conn_t *c, void (*quiesce)(void *impl));
 /* ops->fd(impl), or -1 when there is none. */
 PCONN_HIDDEN int pconn__conn_fd(const pconn_conn_t *c);
 /* The ops a connection was made with: tells a connection type its own connections. */

@@ -51,12 +51,21 @@ PCONN_HIDDEN uint32_t pconn__get_u32(const uint8_t *p);
 /* ---- implementations and the handler pool ---- */
 
 typedef struct rpc_pool_t rpc_pool_t;
-/* A pool that grows to max threads when every one is busy, and keeps them. */
+/* A pool that grows to max threads when every one is busy, and keeps them; one
+ * reference, its owner's. */
 PCONN_HIDDEN rpc_pool_t *pconn__rpc_pool_new(int max);
-/* Runs fn(arg) on a pool thread. PCONN_OK or PCONN_ENOMEM. */
+/* Runs fn(arg) on a pool thread. PCONN_OK; else fn is not run: PCONN_ENOMEM,
+ * RPC_POOL_BUSY (no thread runs and none could be started), PCONN_ECLOSED (released). */
+enum { RPC_POOL_BUSY = -1 }; /* internal only: never returned to users */
 PCONN_HIDDEN int pconn__rpc_pool_submit(rpc_pool_t *p, void (*fn)(void *), void *arg);
-/* Waits for every submitted job, then stops and frees the pool. */
-PCONN_HIDDEN void pconn__rpc_pool_free(rpc_pool_t *p);
+/* References for the users of a pool (connections). NULL is ignored. */
+PCONN_HIDDEN void pconn__rpc_pool_ref(rpc_pool_t *p);
+PCONN_HIDDEN void pconn__rpc_pool_unref(rpc_pool_t *p);
+/* The owner's end: no new jobs; waits for the queued and running ones (not when called
+ * from one of them), then drops the owner's reference. NULL is ignored. */
+PCONN_HIDDEN void pconn__rpc_pool_release(rpc_pool_t *p);
+/* References to an implementation table (pconn_rpc_impls_free drops the user's). */
+PCONN_HIDDEN void pconn__rpc_impls_ref(pconn_rpc_impls_t *impls);
 
 PCONN_HIDDEN pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t *impls, const char *name,
                                                         size_t name_len, uint32_t version, void **arg);

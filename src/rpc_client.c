@@ -17,7 +17,8 @@ typedef struct rpc_client_t {
 static void client_free(void *arg)
 {
     rpc_client_t *cl = arg;
-    pconn__rpc_pool_free(cl->cfg.pool);
+    pconn__rpc_pool_release(cl->cfg.pool); /* from one of its handlers: waits for none */
+    pconn_rpc_impls_free(cl->cfg.impls);   /* the client's reference */
     free((char *)cl->tcp.bind_address);
     free(cl);
 }
@@ -55,8 +56,11 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)
         goto fail;
     pconn__rpc_config(&cl->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
                       opts->transport);
+    cl->cfg.impls = NULL; /* referenced below, once nothing can fail before client_free */
     if (opts->implementations != NULL && (cl->cfg.pool = pconn__rpc_pool_new(CLIENT_POOL_MAX)) == NULL)
         goto fail;
+    pconn__rpc_impls_ref(opts->implementations);
+    cl->cfg.impls = opts->implementations;
     pconn_options_t base = opts->base;
     base.connect = rpc_connect;
     base.connect_arg = cl;

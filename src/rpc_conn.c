@@ -47,6 +47,10 @@ typedef struct rpc_conn_t {
     pthread_t reader;
     bool reader_started;
     atomic_bool reader_done;
+    /* Guarded by lock: the reader's end, and the hand-over of its reference. */
+    pthread_cond_t reader_cond;
+    int close_waiters;
+    bool reader_out, reader_ref_handed;
     void (*on_reader_exit)(void *);
     void *exit_arg;
 
@@ -458,8 +462,17 @@ static void dispatch_query(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
         return;
     }
     *j = (job_t){c, payload, *m};
-    pconn_conn_ref(c->conn); /* the job may outlive the reader */
-    pconn__rpc_pool_submit(c->cfg.pool, run_query, j);
+    /* The job may outlive the reader, so it holds a reference of its own. */
+    pconn_conn_ref(c->conn); /* never the first: the reader holds one */
+    int rc = pconn__rpc_pool_submit(c->cfg.pool, run_query, j);
+    if (rc != PCONN_OK) { /* answered, never dropped: the caller learns at once */
+        const char *msg = rc == PCONN_ECLOSED ? "shutting down"
+                          : rc == RPC_POOL_BUSY ? "no thread to run the handler" : "out of memory";
+        send_response(c, m->id, PCONN_EREMOTE, msg, strlen(msg));
+        pconn_conn_unref(c->conn); /* never the last, for the same reason */
+        free(payload);
+        free(j);
+    }
 }
 
 static void deliver(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
@@ -563,10 +576,42 @@ static void *reader_main(void *arg)
     atomic_store(&c->reader_done, true);
     if (c->on_reader_exit != NULL)
         c->on_reader_exit(c->exit_arg);
+    /* The reader's reference goes last: to a closer waiting for it, or dropped here
+     * (then maybe the last: rpc_destroy runs on this thread). */
+    pconn__mutex_lock(&c->lock);
+    c->reader_out = true;
+    bool handed = c->close_waiters > 0;
+    c->reader_ref_handed = handed;
+    pthread_cond_broadcast(&c->reader_cond);
+    pconn__mutex_unlock(&c->lock);
+    if (!handed)
+        pconn_conn_unref(c->conn);
     return NULL;
 }
 
 /* ---- the connection type ------------------------------------------------------- */
+
+/* The owner's release (pconn__conn_release: the pconn's worker, the server) waits, once
+ * the connection is closed, for the reader to end (at once after the shutdown) and takes
+ * over the reader's reference if the reader handed it over. The owner holds one of its
+ * own, so dropping it is never the last: the memory goes with the owner's unref, not
+ * later on a thread nobody waits for. Not on the reader itself. */
+static void wait_reader_out(void *impl)
+{
+    rpc_conn_t *c = impl;
+    if (!c->reader_started || pthread_equal(c->reader, pthread_self()))
+        return;
+    pconn__mutex_lock(&c->lock);
+    c->close_waiters++;
+    while (!c->reader_out)
+        pthread_cond_wait(&c->reader_cond, &c->lock);
+    c->close_waiters--;
+    bool take = c->reader_ref_handed;
+    c->reader_ref_handed = false;
+    pconn__mutex_unlock(&c->lock);
+    if (take)
+        pconn_conn_unref(c->conn);
+}
 
 static void rpc_close(void *impl)
 {
@@ -584,12 +629,20 @@ static void rpc_close(void *impl)
     shutdown(c->fd, SHUT_RDWR); /* the reader and any writer return at once */
 }
 
+/* After the last reference. The reader holds one of its own until its very end, so it
+ * has finished here; when its reference was the last, this runs on it: it lets itself
+ * go instead of joining itself. */
 static void rpc_destroy(void *impl)
 {
     rpc_conn_t *c = impl;
     shutdown(c->fd, SHUT_RDWR);
-    if (c->reader_started)
+    if (c->reader_started && pthread_equal(c->reader, pthread_self()))
+        pthread_detach(c->reader);
+    else if (c->reader_started)
         pthread_join(c->reader, NULL);
+    pthread_cond_destroy(&c->reader_cond);
+    pconn__rpc_pool_unref(c->cfg.pool);
+    pconn_rpc_impls_free(c->cfg.impls); /* the connection's reference */
     if (c->session != NULL)
         c->cfg.transport->close(c->session);
     close(c->fd);
@@ -628,12 +681,15 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     c->fd = fd;
     c->rbuf = rbuf;
     c->cfg = *cfg;
+    pconn__rpc_pool_ref(c->cfg.pool);   /* both live as long as the connection: its */
+    pconn__rpc_impls_ref(c->cfg.impls); /* reader and jobs use them (issue 9, defect 2) */
     c->on_reader_exit = on_reader_exit;
     c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
     atomic_init(&c->reader_done, false);
     pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->reader_cond, NULL);
     c->conn = pconn_conn_new(&rpc_ops, c);
     if (c->conn == NULL) {
         rpc_destroy(c);
@@ -641,6 +697,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         return PCONN_ENOMEM;
     }
     pconn__conn_set_address(c->conn, address);
+    pconn__conn_set_quiesce(c->conn, wait_reader_out);
     int rc = PCONN_OK;
     if (cfg->transport != NULL) {
         int64_t left_ms = (deadline_ns - pconn__mono_ns()) / 1000000;
@@ -656,8 +713,12 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         rc = handshake(c, err);
     c->handshake_deadline_ns = 0;
     if (rc == PCONN_OK) {
+        /* The reader's own reference, dropped as its last act: it never takes one from a
+         * count that may have reached zero (issue 9, defect 1). */
+        pconn_conn_ref(c->conn);
         c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
         if (!c->reader_started) {
+            pconn_conn_unref(c->conn);
             pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "rpc %s: reader thread", address);
             rc = PCONN_ENOMEM;
         }

@@ -3,6 +3,7 @@
 #include "rpc.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,13 +51,23 @@ typedef struct impl_t {
 } impl_t;
 
 struct pconn_rpc_impls_t {
+    atomic_int refs; /* the user's, and one per connection that serves with it */
     size_t n, cap;
     impl_t *items;
 };
 
 pconn_rpc_impls_t *pconn_rpc_impls_new(void)
 {
-    return calloc(1, sizeof(pconn_rpc_impls_t));
+    pconn_rpc_impls_t *impls = calloc(1, sizeof *impls);
+    if (impls != NULL)
+        atomic_init(&impls->refs, 1);
+    return impls;
+}
+
+void pconn__rpc_impls_ref(pconn_rpc_impls_t *impls)
+{
+    if (impls != NULL)
+        atomic_fetch_add(&impls->refs, 1);
 }
 
 pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t *impls, const char *name,
@@ -103,7 +114,7 @@ int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
 
 void pconn_rpc_impls_free(pconn_rpc_impls_t *impls)
 {
-    if (impls == NULL)
+    if (impls == NULL || atomic_fetch_sub(&impls->refs, 1) != 1)
         return;
     for (size_t i = 0; i < impls->n; i++)
         free(impls->items[i].name);
@@ -111,7 +122,11 @@ void pconn_rpc_impls_free(pconn_rpc_impls_t *impls)
     free(impls);
 }
 
-/* ---- the pool ---- */
+/* ---- the pool ----
+ * Reference counted: its owner (client or server) holds one and every connection using
+ * it one. The memory goes when no reference and no thread is left, with whichever goes
+ * last, so no thread ever waits for itself. Stopping is separate: no new jobs, queued
+ * ones still run. */
 
 typedef struct job_t {
     void (*fn)(void *);
@@ -120,17 +135,50 @@ typedef struct job_t {
 } job_t;
 
 struct rpc_pool_t {
+    atomic_int refs;
     pthread_mutex_t mutex;
     pthread_cond_t work;   /* a job queued, or stop */
-    pthread_cond_t idle;   /* the pool drained */
+    pthread_cond_t idle;   /* a thread left */
     job_t *head, *tail;
-    int threads, waiting, running, max;
+    int threads, waiting, max;
     bool stop;
+    bool orphaned;         /* no reference left: the last thread out frees */
 };
+
+static _Thread_local rpc_pool_t *tl_pool; /* the pool whose thread this is */
+
+static void pool_destroy(rpc_pool_t *p)
+{
+    pthread_cond_destroy(&p->work);
+    pthread_cond_destroy(&p->idle);
+    pthread_mutex_destroy(&p->mutex);
+    free(p);
+}
+
+void pconn__rpc_pool_ref(rpc_pool_t *p)
+{
+    if (p != NULL)
+        atomic_fetch_add(&p->refs, 1);
+}
+
+void pconn__rpc_pool_unref(rpc_pool_t *p)
+{
+    if (p == NULL || atomic_fetch_sub(&p->refs, 1) != 1)
+        return;
+    pconn__mutex_lock(&p->mutex);
+    bool now = p->threads == 0;
+    p->orphaned = true;
+    p->stop = true;
+    pthread_cond_broadcast(&p->work);
+    pconn__mutex_unlock(&p->mutex);
+    if (now)
+        pool_destroy(p);
+}
 
 static void *pool_main(void *arg)
 {
     rpc_pool_t *p = arg;
+    tl_pool = p;
     pconn__mutex_lock(&p->mutex);
     for (;;) {
         while (p->head == NULL && !p->stop) {
@@ -144,16 +192,17 @@ static void *pool_main(void *arg)
         p->head = j->next;
         if (p->head == NULL)
             p->tail = NULL;
-        p->running++;
         pconn__mutex_unlock(&p->mutex);
         j->fn(j->arg);
         free(j);
         pconn__mutex_lock(&p->mutex);
-        p->running--;
     }
-    p->threads--;
+    bool last = --p->threads == 0 && p->orphaned;
     pthread_cond_broadcast(&p->idle);
     pconn__mutex_unlock(&p->mutex);
+    tl_pool = NULL;
+    if (last)
+        pool_destroy(p);
     return NULL;
 }
 
@@ -165,6 +214,7 @@ rpc_pool_t *pconn__rpc_pool_new(int max)
     pthread_mutex_init(&p->mutex, NULL);
     pthread_cond_init(&p->work, NULL);
     pthread_cond_init(&p->idle, NULL);
+    atomic_init(&p->refs, 1);
     p->max = max;
     return p;
 }
@@ -176,43 +226,46 @@ int pconn__rpc_pool_submit(rpc_pool_t *p, void (*fn)(void *), void *arg)
         return PCONN_ENOMEM;
     *j = (job_t){fn, arg, NULL};
     pconn__mutex_lock(&p->mutex);
-    if (p->tail != NULL)
-        p->tail->next = j;
-    else
-        p->head = j;
-    p->tail = j;
+    if (p->stop) {
+        pconn__mutex_unlock(&p->mutex);
+        free(j);
+        return PCONN_ECLOSED;
+    }
     /* Grow when no thread is free to take it: a slow handler must not hold up others. */
     if (p->waiting == 0 && p->threads < p->max) {
         pthread_t t;
         if (pconn__thread_start(&t, pool_main, p, 0, true) == 0)
             p->threads++;
     }
-    bool orphan = p->threads == 0; /* could not start any thread */
-    if (!orphan)
-        pthread_cond_signal(&p->work);
-    pconn__mutex_unlock(&p->mutex);
-    if (orphan) {
-        fn(arg); /* better late than lost: run it here */
-        pconn__mutex_lock(&p->mutex);
-        p->head = p->tail = NULL;
+    if (p->threads == 0) {
+        /* No thread could be started and none runs: refused, never queued (issue 9
+         * defect 7: it used to run here and again from the queue). */
         pconn__mutex_unlock(&p->mutex);
         free(j);
+        return RPC_POOL_BUSY;
     }
+    if (p->tail != NULL)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    pthread_cond_signal(&p->work);
+    pconn__mutex_unlock(&p->mutex);
     return PCONN_OK;
 }
 
-void pconn__rpc_pool_free(rpc_pool_t *p)
+void pconn__rpc_pool_release(rpc_pool_t *p)
 {
     if (p == NULL)
         return;
     pconn__mutex_lock(&p->mutex);
     p->stop = true;
     pthread_cond_broadcast(&p->work);
-    while (p->threads > 0)
-        pthread_cond_wait(&p->idle, &p->mutex);
+    /* Wait for the queued and running jobs, unless this is one of them (a handler that
+     * frees its own pconn): then they finish after it, and the last thread frees. */
+    if (tl_pool != p)
+        while (p->threads > 0)
+            pthread_cond_wait(&p->idle, &p->mutex);
     pconn__mutex_unlock(&p->mutex);
-    pthread_cond_destroy(&p->work);
-    pthread_cond_destroy(&p->idle);
-    pthread_mutex_destroy(&p->mutex);
-    free(p);
+    pconn__rpc_pool_unref(p);
 }

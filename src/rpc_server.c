@@ -61,8 +61,7 @@ static void free_entries(entry_t *e)
 {
     while (e != NULL) {
         entry_t *next = e->next;
-        pconn_conn_close(e->conn);
-        pconn_conn_unref(e->conn);
+        pconn__conn_release(e->conn); /* closes it, waits for its reader */
         free(e);
         e = next;
     }
@@ -107,10 +106,8 @@ static void *greet_main(void *arg)
     pthread_cond_broadcast(&srv->cond);
     pconn__mutex_unlock(&srv->mutex);
     free(e);
-    if (conn != NULL) { /* stopping, or no memory */
-        pconn_conn_close(conn);
-        pconn_conn_unref(conn);
-    }
+    if (conn != NULL) /* stopping, or no memory */
+        pconn__conn_release(conn);
     free(g);
     return NULL;
 }
@@ -201,15 +198,17 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     pthread_cond_init(&srv->cond, NULL);
     srv->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
     pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat, NULL);
+    pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = srv->wake_fd >= 0 && srv->cfg.pool != NULL
                   ? pconn__thread_start(&srv->acceptor, accept_main, srv, 0, false)
                   : -1;
     if (prc != 0) {
-        pconn__rpc_pool_free(srv->cfg.pool);
+        pconn__rpc_pool_release(srv->cfg.pool);
         if (srv->wake_fd >= 0)
             close(srv->wake_fd);
         close(srv->lfd);
+        pconn_rpc_impls_free(srv->cfg.impls);
         pthread_cond_destroy(&srv->cond);
         pthread_mutex_destroy(&srv->mutex);
         free(srv);
@@ -250,7 +249,8 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     while (srv->readers > 0)
         pthread_cond_wait(&srv->cond, &srv->mutex);
     pconn__mutex_unlock(&srv->mutex);
-    pconn__rpc_pool_free(srv->cfg.pool); /* waits for running handlers */
+    pconn__rpc_pool_release(srv->cfg.pool); /* waits for running handlers */
+    pconn_rpc_impls_free(srv->cfg.impls);   /* the server's reference */
     close(srv->wake_fd);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mutex);

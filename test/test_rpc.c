@@ -1149,6 +1149,173 @@ static void test_bad_options(void)
     pconn_rpc_impls_free(NULL);
 }
 
+/* ---- lifetimes (issue 9, defects 1, 2, 8) ---------------------------------------- */
+
+/* n QUERY frames for "echo" version 1 with one byte of data, ids 1..n. */
+static unsigned char *queries(int n, size_t *len)
+{
+    enum { FRAME = 8 + 1 + 8 + 4 + 2 + 4 + 1 };
+    unsigned char *buf = malloc((size_t)n * FRAME);
+    for (int i = 0; i < n; i++) {
+        unsigned char *f = buf + (size_t)i * FRAME;
+        memset(f, 0, FRAME);
+        f[7] = FRAME - 8;
+        f[8] = 3; /* QUERY */
+        uint64_t id = (uint64_t)i + 1;
+        for (int k = 0; k < 8; k++)
+            f[9 + k] = (unsigned char)(id >> (56 - 8 * k));
+        f[20] = 1;                   /* version 1 */
+        f[22] = 4;                   /* name length */
+        memcpy(f + 23, "echox", 5);  /* "echo", then the data "x" */
+    }
+    *len = (size_t)n * FRAME;
+    return buf;
+}
+
+/* Defect 1: a peer that sends 20,000 queries and reads no answer, then the server
+ * stops. The reader took a reference per query from a count that could be zero, so the
+ * connection was destroyed twice (ASan: heap-use-after-free; else a crash or a hang). */
+static void test_query_flood_then_stop(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, LIMIT);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(srv);
+    pconn_conn_t *c = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL_FATAL(pconn_tcp_connect(NULL, pconn_rpc_server_address(srv), &c, &err), PCONN_OK);
+    size_t len;
+    unsigned char *q = queries(20000, &len);
+    CU_ASSERT_EQUAL(pconn_tcp_send_all(c, good_hello, sizeof good_hello, &err), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_tcp_send_all(c, q, len, &err), PCONN_OK);
+    /* Some answers arrive: the server is busy with the flood when it stops. */
+    unsigned char in[64];
+    CU_ASSERT(recv(pconn_tcp_fd(c), in, sizeof in, MSG_WAITALL) == (ssize_t)sizeof in);
+    pconn_rpc_server_stop(srv);
+    pconn_conn_unref(c);
+    pconn_rpc_impls_free(impls);
+    free(q);
+}
+
+typedef struct flooder_t {
+    int lfd;
+    pthread_t thread;
+    atomic_bool sent;
+} flooder_t;
+
+/* A raw RPC server: answers the HELLO, then sends 20,000 queries and reads nothing. */
+static void *flooder_main(void *arg)
+{
+    flooder_t *f = arg;
+    int fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+    unsigned char hello[16];
+    if (fd >= 0 && recv(fd, hello, sizeof hello, MSG_WAITALL) == (ssize_t)sizeof hello &&
+        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) == (ssize_t)sizeof good_hello) {
+        size_t len;
+        unsigned char *q = queries(20000, &len);
+        for (size_t off = 0; off < len;) {
+            ssize_t n = send(fd, q + off, len - off, MSG_NOSIGNAL);
+            if (n <= 0)
+                break;
+            off += (size_t)n;
+        }
+        free(q);
+    }
+    atomic_store(&f->sent, true);
+    char sink[4096];
+    while (fd >= 0 && recv(fd, sink, sizeof sink, 0) > 0)
+        ;
+    if (fd >= 0)
+        close(fd);
+    return NULL;
+}
+
+/* Defect 2: a client whose connection the caller still holds after pconn_free(), and
+ * whose implementation table the caller frees right after: the connection's reader
+ * went on submitting queries to the freed handler pool and table. */
+static void test_held_connection_outlives_client(void)
+{
+    pconn_error_t err;
+    flooder_t f = {.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err)};
+    CU_ASSERT_FATAL(f.lfd >= 0);
+    char address[64];
+    pconn_tcp_local_address(f.lfd, address, sizeof address);
+    pthread_create(&f.thread, NULL, flooder_main, &f);
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_OK);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {address};
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
+    o.implementations = impls;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_free(pc);               /* while the client is still working through the flood */
+    pconn_rpc_impls_free(impls);  /* the library keeps its own references */
+    pconn_buf_t resp;
+    CU_ASSERT_NOT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_conn_unref(conn);
+    shutdown(f.lfd, SHUT_RDWR);
+    pthread_join(f.thread, NULL);
+    close(f.lfd);
+    rec_destroy(&rec);
+}
+
+typedef struct self_free_t {
+    pconn_t *pc;
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int freed;
+} self_free_t;
+
+static int h_free_my_pconn(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)req, (void)len, (void)err;
+    self_free_t *sf = arg;
+    pconn_free(sf->pc); /* deadlocked: the pool waited for the thread running this */
+    int rc = pconn_buf_append(resp, "bye", 3);
+    pthread_mutex_lock(&sf->mutex);
+    sf->freed = 1;
+    pthread_cond_broadcast(&sf->cond);
+    pthread_mutex_unlock(&sf->mutex);
+    return rc;
+}
+
+/* Defect 8: pconn_free() from one of the client's own handlers returns. */
+static void test_free_from_client_handler(void)
+{
+    pconn_rpc_impls_t *simpls = server_impls();
+    pconn_rpc_server_t *srv = server(simpls, LIMIT);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(srv);
+    self_free_t sf = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&sf.cond);
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "client.hello", 1, h_free_my_pconn, &sf), PCONN_OK);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.implementations = impls;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &sf.pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(sf.pc, WAIT_MS, &conn), PCONN_OK);
+    /* The server's handler calls the client back; the client's handler frees its pconn,
+     * which closes this connection: the outer call fails, but everything returns. */
+    pconn_buf_t resp;
+    int rc = pconn_rpc_call(conn, "ask_back", 1, "x", 1, &resp, WAIT_MS, NULL);
+    CU_ASSERT(rc == PCONN_OK || rc == PCONN_EIO || rc == PCONN_ECLOSED || rc == PCONN_EREMOTE);
+    pconn_buf_free(&resp);
+    CU_ASSERT_EQUAL(pconn_conn_wait_closed(conn, WAIT_MS), PCONN_OK);
+    pconn_conn_unref(conn);
+    /* The handler's pconn_free() returns (it hung before). */
+    CU_ASSERT_EQUAL(test_wait_count(&sf.mutex, &sf.cond, &sf.freed, 1, WAIT_MS), 1);
+    pconn_rpc_impls_free(impls);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(simpls);
+    rec_destroy(&rec);
+}
+
 static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
@@ -1172,6 +1339,9 @@ static const test_def_t tests[] = {
     {"server_killed_calls_fail_and_failover", test_server_killed_calls_fail_and_failover},
     {"stopped_server_heartbeat", test_stopped_server_heartbeat},
     {"failover_retry_does_not_spin", test_failover_retry_does_not_spin},
+    {"query_flood_then_stop", test_query_flood_then_stop},
+    {"held_connection_outlives_client", test_held_connection_outlives_client},
+    {"free_from_client_handler", test_free_from_client_handler},
     {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},
