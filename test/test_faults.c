@@ -148,11 +148,13 @@ void *__wrap_calloc(size_t n, size_t size)
     return __real_calloc(n, size);
 }
 
+static atomic_bool no_threads; /* every pthread_create() fails */
+
 int __real_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg)
 {
-    return fault(1) ? EAGAIN : __real_pthread_create(t, a, fn, arg);
+    return atomic_load(&no_threads) || fault(1) ? EAGAIN : __real_pthread_create(t, a, fn, arg);
 }
 
 /* ---- the workload ------------------------------------------------------------------- */
@@ -421,7 +423,46 @@ static void test_signals_without_restart(void)
     tproc_signal(&s.rpc, SIGKILL);
 }
 
+static int h_echo(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    return pconn_buf_append(resp, req, len);
+}
+
+/* Issue 9 defect 7: when no handler thread can be started, the query is answered with
+ * the reason at once, and run neither here nor twice. */
+static void test_no_handler_thread(void)
+{
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_OK);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *list[] = {pconn_rpc_server_address(srv)};
+    pconn_rpc_options_t ro = {.base = {.server_name = "rpc", .resolver = pconn_resolver_static(list, 1)}};
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&ro, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    atomic_store(&no_threads, true); /* the server's handler pool starts none yet */
+    pconn_buf_t resp;
+    pconn_error_t err;
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, &err), PCONN_EREMOTE);
+        CU_ASSERT_STRING_EQUAL(err.message, "no thread to run the handler");
+    }
+    atomic_store(&no_threads, false);
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "y", 1, &resp, WAIT_MS, &err), PCONN_OK);
+    CU_ASSERT(resp.len == 1 && ((const char *)resp.data)[0] == 'y');
+    pconn_buf_free(&resp);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
 static const test_def_t tests[] = {
+    {"no_handler_thread", test_no_handler_thread},
     {"syscall_faults", test_syscall_faults},
     {"signals_without_restart", test_signals_without_restart},
     {NULL, NULL},
