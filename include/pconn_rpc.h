@@ -143,6 +143,9 @@ typedef struct pconn_rpc_server_options_t {
     size_t max_message_size;             /* 0: 100 MiB; at least 512 */
     int64_t handshake_timeout_ms;        /* a peer silent this long is dropped; 0: 30 s */
     pconn_heartbeat_t heartbeat;         /* zeros: 30 s timeout, sent every 10 s */
+    int max_connections;                 /* 0 (or less): no limit; over it a new peer is
+                                            told "too many connections (limit N)" in a
+                                            CLOSE frame, which its handshake reports */
 } pconn_rpc_server_options_t;
 
 /* Listens and serves: each connection is handshaken, kept alive by heartbeats, and its
@@ -154,9 +157,15 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
 /* The bound address, e.g. "127.0.0.1:40123"; lives as long as srv. */
 const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);
 
-/* Stops listening, closes every connection (calls in flight on them fail at the
- * callers), waits for running handlers to return, and frees srv. NULL is ignored. Not
- * from inside one of its own handlers. */
+/* Stops listening, ends every handshake under way at once, closes every connection
+ * (calls in flight on them fail at the callers), waits for running handlers to return,
+ * and frees srv. Bounded by the handlers: a silent peer does not make it wait out the
+ * handshake timeout. NULL is ignored. Not from inside one of its own handlers.
+ *
+ * Out of descriptors (EMFILE), the server stops accepting for 100 ms at a time (or until
+ * a connection ends) instead of spinning; the peers wait in the listen backlog. At most
+ * 64 handshakes run at once, each on a thread of its own; more peers wait in the
+ * backlog. */
 void pconn_rpc_server_stop(pconn_rpc_server_t *srv);
 
 #ifdef __cplusplus

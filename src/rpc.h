@@ -85,12 +85,15 @@ PCONN_HIDDEN void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls,
                                     const pconn_heartbeat_t *hb, const pconn_transport_t *transport);
 
 /* Makes an RPC connection of a connected fd (taken over: closed on failure too): the
- * transport session, the handshake before deadline_ns, then its reader thread. PCONN_OK
- * with *out, or an error with err. When on_reader_exit is set it is called (from the
- * reader thread, as its last act) with exit_arg. */
+ * transport session, the handshake before deadline_ns, then its reader thread. The
+ * handshake also gives up (PCONN_ECLOSED) when cancel_fd (-1: none) turns readable and
+ * cancelled() (NULL: always) says so. PCONN_OK with *out, or an error with err. When
+ * on_reader_exit is set it is called (from the reader thread, as its last act) with
+ * exit_arg. */
 PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg,
-                                      int64_t deadline_ns, void (*on_reader_exit)(void *),
-                                      void *exit_arg, pconn_conn_t **out, pconn_error_t *err);
+                                      int64_t deadline_ns, int cancel_fd, bool (*cancelled)(void),
+                                      void (*on_reader_exit)(void *), void *exit_arg,
+                                      pconn_conn_t **out, pconn_error_t *err);
 /* True once the connection's reader has returned. */
 PCONN_HIDDEN bool pconn__rpc_conn_done(pconn_conn_t *conn);
 

@@ -30,7 +30,8 @@ static int rpc_connect(void *arg, const char *address, pconn_conn_t **conn, pcon
     int fd = pconn__tcp_connect_fd(&cl->tcp, address, err);
     if (fd < 0)
         return err->code;
-    return pconn__rpc_conn_open(fd, address, &cl->cfg, deadline, NULL, NULL, conn, err);
+    return pconn__rpc_conn_open(fd, address, &cl->cfg, deadline, pconn__cancel_fd(), pconn__cancelled,
+                                NULL, NULL, conn, err);
 }
 
 int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)

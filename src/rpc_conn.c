@@ -59,6 +59,8 @@ typedef struct rpc_conn_t {
     size_t rpos, rlen;
     int64_t last_recv_ns, next_send_ns;
     int64_t handshake_deadline_ns; /* while > 0, reads are bounded by it instead */
+    int cancel_fd;                 /* while handshaking: readable when to give up, or -1 */
+    bool (*cancelled)(void);       /* NULL: cancel_fd readable means cancelled */
 } rpc_conn_t;
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
@@ -262,9 +264,15 @@ static int wait_readable(rpc_conn_t *c)
             }
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
         }
-        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
-        int rc = poll(&pfd, 1, pconn__poll_timeout_ms(until));
-        if (rc > 0)
+        int cancel_fd = c->handshake_deadline_ns > 0 ? c->cancel_fd : -1;
+        struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = cancel_fd, .events = POLLIN}};
+        int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(until));
+        if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
+            if (c->cancelled == NULL || c->cancelled())
+                return PCONN_ECLOSED;
+            pconn__wake_drain(cancel_fd); /* a kick: its owner re-checks its flags later */
+        }
+        if (rc > 0 && pfd[0].revents != 0)
             return PCONN_OK;
         if (rc < 0 && errno != EINTR)
             return PCONN_EIO;
@@ -360,6 +368,10 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
     uint64_t big;
     int sys_errno = 0;
     int rc = read_frame(c, RPC_HELLO_MAX, &payload, &len, &big, head, &head_len, &sys_errno);
+    if (rc == PCONN_ECLOSED) { /* pconn_close(), or the server stopping (defects 4, 5) */
+        pconn_error_set(err, PCONN_ECLOSED, 0, "rpc %s: handshake: interrupted by close", c->address);
+        return PCONN_ECLOSED;
+    }
     if (rc == PCONN_ETIMEDOUT) {
         send_close(c, PCONN_EHANDSHAKE, "handshake timed out");
         pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake timed out", c->address);
@@ -376,6 +388,13 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
         rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);
     else
         snprintf(why, sizeof why, "first frame is not a HELLO (length %llu)", (unsigned long long)big);
+    if (rc == PCONN_OK && m.type == RPC_CLOSE) { /* refused: say why, as the peer said */
+        snprintf(why, sizeof why, "refused by the peer: %.*s", (int)(m.data_len < 100 ? m.data_len : 100),
+                 (const char *)m.data);
+        free(payload);
+        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: %s", c->address, why);
+        return PCONN_EHANDSHAKE;
+    }
     if (rc == PCONN_OK && m.type != RPC_HELLO) {
         snprintf(why, sizeof why, "first frame is not a HELLO (type %u)", (unsigned)m.type);
         rc = PCONN_EPROTO;
@@ -665,8 +684,8 @@ bool pconn__rpc_conn_done(pconn_conn_t *conn)
 }
 
 int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, int64_t deadline_ns,
-                         void (*on_reader_exit)(void *), void *exit_arg, pconn_conn_t **out,
-                         pconn_error_t *err)
+                         int cancel_fd, bool (*cancelled)(void), void (*on_reader_exit)(void *),
+                         void *exit_arg, pconn_conn_t **out, pconn_error_t *err)
 {
     *out = NULL;
     rpc_conn_t *c = calloc(1, sizeof *c);
@@ -709,6 +728,8 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         }
     }
     c->handshake_deadline_ns = deadline_ns;
+    c->cancel_fd = cancel_fd;
+    c->cancelled = cancelled;
     if (rc == PCONN_OK)
         rc = handshake(c, err);
     c->handshake_deadline_ns = 0;

@@ -2,6 +2,7 @@
  * as separate processes (`pconn rpc-serve`) that are killed or stopped; and peers that
  * break the protocol, written byte by byte. */
 #include "common.h"
+#include "common_server.h"
 #include "pconn_rpc.h"
 #include "pconn_tcp.h"
 
@@ -13,6 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <unistd.h>
 
 #define LIMIT (2 * 1024 * 1024)
@@ -1316,6 +1321,149 @@ static void test_free_from_client_handler(void)
     rec_destroy(&rec);
 }
 
+/* ---- deadlines of the handshake and of stop (issue 9, defects 4, 5, 6) ------------ */
+
+/* Defect 4: pconn_close() interrupts the client's handshake with a server that accepted
+ * and says nothing. Before: close waited for the handshake timeout (here a minute). */
+static void test_close_interrupts_handshake(void)
+{
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_HOLD), 0);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *address = s.address;
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.handshake_timeout_ms = 60000;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL(tserver_wait_accepted(&s, 1, WAIT_MS), 1); /* in the handshake now */
+    CU_ASSERT_EQUAL(pconn_close(pc, WAIT_MS), PCONN_OK);
+    pconn_free(pc);
+    char seq[64];
+    rec_letters(&rec, seq, sizeof seq);
+    CU_ASSERT_STRING_EQUAL(seq, "AO"); /* cut short by close: no failure reported */
+    rec_destroy(&rec);
+    tserver_stop(&s);
+}
+
+/* Defect 5: stop does not wait out the handshake timeout of a silent peer. The bound
+ * asserted is half the handshake timeout: before, stop took all of it. */
+static void test_stop_with_silent_peer(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .handshake_timeout_ms = 60000};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    pconn_conn_t *c = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL_FATAL(pconn_tcp_connect(NULL, pconn_rpc_server_address(srv), &c, &err), PCONN_OK);
+    unsigned char hello[16]; /* the server's HELLO: its handshake is under way */
+    CU_ASSERT_EQUAL(recv(pconn_tcp_fd(c), hello, sizeof hello, MSG_WAITALL), (ssize_t)sizeof hello);
+    int64_t t0 = pconn_clock_now(NULL);
+    pconn_rpc_server_stop(srv);
+    CU_ASSERT((pconn_clock_now(NULL) - t0) / 1000000 < 30000);
+    pconn_conn_unref(c);
+    pconn_rpc_impls_free(impls);
+}
+
+/* max_connections: the peer over the limit is told why, in its handshake's error. */
+static void test_max_connections(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .max_connections = 1};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t ra, rb;
+    rec_init(&ra);
+    rec_init(&rb);
+    pconn_rpc_options_t oa = client_options(&ra, &address, 1), ob = client_options(&rb, &address, 1);
+    pconn_t *a = NULL, *b = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&oa, &a), PCONN_OK);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(a, "echo", 1, "a", 1, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&ob, &b), PCONN_OK);
+    int i = rec_wait_kind(&rb, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    rec_event_t f = rec_get(&rb, i);
+    CU_ASSERT_EQUAL(f.error.code, PCONN_EHANDSHAKE);
+    char want[200];
+    snprintf(want, sizeof want, "rpc %s: handshake: refused by the peer: too many connections (limit 1)",
+             address);
+    CU_ASSERT_STRING_EQUAL(f.error.message, want);
+    pconn_free(a); /* a place comes free: b gets in */
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(b, "echo", 1, "b", 1, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    pconn_free(b);
+    rec_destroy(&ra);
+    rec_destroy(&rb);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
+/* In a child process of its own (its descriptor limit is lowered): the CPU the server
+ * burns in 300 ms while every accept fails with EMFILE. 0 when it waited, else 1. */
+static int emfile_child(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls};
+    pconn_rpc_server_t *srv = NULL;
+    if (pconn_rpc_server_start(&so, &srv, NULL) != PCONN_OK)
+        return 2;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    const char *address = pconn_rpc_server_address(srv);
+    int port = atoi(strrchr(address, ':') + 1);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    memcpy(&ss, &sin, sizeof sin);
+    len = sizeof sin;
+    int peers[8];
+    for (int i = 0; i < 8; i++)
+        peers[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct rlimit old, low;
+    getrlimit(RLIMIT_NOFILE, &old);
+    low = old;
+    low.rlim_cur = (rlim_t)count_open_fds(); /* not one descriptor to spare */
+    setrlimit(RLIMIT_NOFILE, &low);
+    for (int i = 0; i < 8; i++)
+        connect(peers[i], (struct sockaddr *)&ss, len);
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    struct timespec window = {0, 300000000};
+    nanosleep(&window, NULL); /* the measuring window, not a wait for an event */
+    getrusage(RUSAGE_SELF, &r1);
+    long cpu_ms = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec + r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000 +
+                  (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec + r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1000;
+    setrlimit(RLIMIT_NOFILE, &old);
+    for (int i = 0; i < 8; i++)
+        close(peers[i]);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    if (cpu_ms >= 100)
+        fprintf(stderr, "[%ld ms of CPU in 300 ms out of descriptors] ", cpu_ms);
+    return cpu_ms < 100 ? 0 : 1;
+}
+
+/* Defect 6: out of descriptors, the acceptor does not spin (it took a whole core). */
+static void test_emfile_does_not_spin(void)
+{
+#ifdef __SANITIZE_THREAD__
+    return; /* TSan cannot follow threads started after a multithreaded fork() */
+#endif
+    fflush(NULL);
+    pid_t pid = fork();
+    CU_ASSERT_FATAL(pid >= 0);
+    if (pid == 0)
+        _exit(emfile_child());
+    int status = -1;
+    CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
+    CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
@@ -1342,6 +1490,10 @@ static const test_def_t tests[] = {
     {"query_flood_then_stop", test_query_flood_then_stop},
     {"held_connection_outlives_client", test_held_connection_outlives_client},
     {"free_from_client_handler", test_free_from_client_handler},
+    {"close_interrupts_handshake", test_close_interrupts_handshake},
+    {"stop_with_silent_peer", test_stop_with_silent_peer},
+    {"max_connections", test_max_connections},
+    {"emfile_does_not_spin", test_emfile_does_not_spin},
     {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},
