@@ -121,7 +121,11 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
 
 /* Calls (name, version) with req on conn, an RPC connection (from pconn_connected() of
  * an RPC pconn, or pconn_rpc_handler_conn()), and waits up to timeout_ms for the answer.
- * On PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
+ * timeout_ms covers everything: waiting for the right to write, sending (a peer that
+ * does not read makes it PCONN_ETIMEDOUT "could not send within N ms"; when part of
+ * the request had gone out, the connection is closed too, as its stream is broken),
+ * and the answer. With a transport of your own, its write() may block beyond it. On
+ * PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
  * be NULL) says why. Any thread, any number at once. */
 int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
                    size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err);

@@ -1,6 +1,6 @@
 /* rpc_conn.c - an RPC connection: handshake, a reader thread that also keeps the
  * heartbeats, calls multiplexed by id, queries handed to the handler pool.
- * Lock order: c->lock and c->wlock are never held together. */
+ * c->lock is held only briefly, never while writing or calling out. */
 #include "rpc.h"
 
 #include <errno.h>
@@ -36,8 +36,9 @@ typedef struct rpc_conn_t {
     rpc_config_t cfg;
     void *session;      /* the transport's, or NULL */
 
-    pthread_mutex_t wlock; /* one writer at a time */
-    pthread_mutex_t lock;  /* pending, next_id, failure */
+    pthread_mutex_t lock;  /* pending, next_id, failure, writing */
+    pthread_cond_t wcond;  /* writing went false */
+    bool writing;          /* one writer at a time: writer_enter() */
     pending_t *pending;
     uint64_t next_id;
     bool failed;
@@ -98,58 +99,125 @@ static ssize_t raw_write(rpc_conn_t *c, const void *buf, size_t len)
     return send(c->fd, buf, len, MSG_NOSIGNAL);
 }
 
-/* Writes one frame: header then data, whole, under the write lock. */
-static int write_frame_locked(rpc_conn_t *c, const uint8_t *head, size_t head_len,
-                              const void *data, size_t data_len)
+/* base_ns plus ms milliseconds, saturating at INT64_MAX ("never"): PCONN_FOREVER, or a
+ * value whose nanoseconds would overflow (INT64_MAX ms), means no deadline. */
+static int64_t after_ms(int64_t base_ns, int64_t ms)
 {
-    if (c->cfg.transport == NULL) {
-        /* One system call for the common case. */
-        struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
-        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = data_len > 0 ? 2 : 1};
-        size_t total = head_len + data_len;
-        while (total > 0) {
-            ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                return -1;
-            total -= (size_t)n;
-            while (n > 0 && mh.msg_iovlen > 0) {
-                if ((size_t)n >= mh.msg_iov->iov_len) {
-                    n -= (ssize_t)mh.msg_iov->iov_len;
-                    mh.msg_iov++;
-                    mh.msg_iovlen--;
-                } else {
-                    mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + n;
-                    mh.msg_iov->iov_len -= (size_t)n;
-                    n = 0;
-                }
+    if (ms < 0 || ms > (INT64_MAX - base_ns) / 1000000)
+        return INT64_MAX;
+    return base_ns + ms * 1000000;
+}
+
+/* What write_frame() says. */
+enum { WF_OK = 0, WF_ERROR = -1, WF_TIMEOUT = -2, WF_TIMEOUT_MIDFRAME = -3 };
+
+/* The right to write, one thread at a time, taken before deadline_ns (0: only if free
+ * now): a writer waiting behind a stuck one gives up in time (issue 9, defect 3). */
+static bool writer_enter(rpc_conn_t *c, int64_t deadline_ns)
+{
+    bool ok = true;
+    pconn__mutex_lock(&c->lock);
+    while (c->writing && ok)
+        ok = deadline_ns != 0 &&
+             (pconn__cond_wait_until(&c->wcond, &c->lock, deadline_ns) == 0 || !c->writing);
+    if (ok)
+        c->writing = true;
+    pconn__mutex_unlock(&c->lock);
+    return ok;
+}
+
+static void writer_leave(rpc_conn_t *c)
+{
+    pconn__mutex_lock(&c->lock);
+    c->writing = false;
+    pthread_cond_signal(&c->wcond);
+    pconn__mutex_unlock(&c->lock);
+}
+
+/* Plain TCP: header and data in one sendmsg(), never blocking in it: when the socket is
+ * full it polls for room until deadline_ns (0: not at all). */
+static int send_plain(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
+                      size_t data_len, int64_t deadline_ns)
+{
+    struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = data_len > 0 ? 2 : 1};
+    size_t total = head_len + data_len, sent = 0;
+    while (sent < total) {
+        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            if (rc == 0)
+                return sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
+            if (rc < 0 && errno != EINTR)
+                return WF_ERROR;
+            continue;
+        }
+        if (n <= 0)
+            return WF_ERROR;
+        sent += (size_t)n;
+        while (n > 0 && mh.msg_iovlen > 0) {
+            if ((size_t)n >= mh.msg_iov->iov_len) {
+                n -= (ssize_t)mh.msg_iov->iov_len;
+                mh.msg_iov++;
+                mh.msg_iovlen--;
+            } else {
+                mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + n;
+                mh.msg_iov->iov_len -= (size_t)n;
+                n = 0;
             }
         }
-        return 0;
     }
+    return WF_OK;
+}
+
+/* A transport: its write blocks as the transport does (no deadline). Header and data go
+ * in one write when the frame is small, so that no frame waits for Nagle between its
+ * two halves behind a TLS terminator (issue 9, defect 11). */
+static int send_transport(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
+                          size_t data_len)
+{
+    uint8_t small[16384];
     const uint8_t *parts[2] = {head, data};
     size_t lens[2] = {head_len, data_len};
+    if (head_len + data_len <= sizeof small) {
+        memcpy(small, head, head_len);
+        if (data_len > 0)
+            memcpy(small + head_len, data, data_len);
+        parts[0] = small;
+        lens[0] = head_len + data_len;
+        lens[1] = 0;
+    }
     for (int i = 0; i < 2; i++) {
         while (lens[i] > 0) {
             ssize_t n = raw_write(c, parts[i], lens[i]);
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0)
-                return -1;
+                return WF_ERROR;
             parts[i] += n;
             lens[i] -= (size_t)n;
         }
     }
-    return 0;
+    return WF_OK;
 }
 
+/* Writes one frame, whole, before deadline_ns (INT64_MAX: none; 0: only if that needs
+ * no waiting). WF_OK; WF_TIMEOUT: nothing of it went out, the connection is fine;
+ * WF_TIMEOUT_MIDFRAME: part of it went out, the stream is broken (the caller fails the
+ * connection); WF_ERROR with errno. */
 static int write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
-                       size_t data_len)
+                       size_t data_len, int64_t deadline_ns)
 {
-    pconn__mutex_lock(&c->wlock);
-    int rc = write_frame_locked(c, head, head_len, data, data_len);
-    pconn__mutex_unlock(&c->wlock);
+    if (!writer_enter(c, deadline_ns))
+        return WF_TIMEOUT;
+    int rc = c->cfg.transport == NULL ? send_plain(c, head, head_len, data, data_len, deadline_ns)
+                                      : send_transport(c, head, head_len, data, data_len);
+    int e = errno;
+    writer_leave(c);
+    errno = e;
     return rc;
 }
 
@@ -161,22 +229,31 @@ static size_t frame_head(uint8_t *h, uint8_t type, size_t fixed_len, size_t data
     return 9;
 }
 
+/* Best effort, as the connection ends: only if no one is writing, only what fits now. */
 static void send_close(rpc_conn_t *c, int code, const char *msg)
 {
     uint8_t h[13];
     size_t mlen = strlen(msg);
     frame_head(h, RPC_CLOSE, 4, mlen);
     pconn__put_u32(h + 9, (uint32_t)code);
-    write_frame(c, h, sizeof h, msg, mlen);
+    write_frame(c, h, sizeof h, msg, mlen, 0);
 }
 
+static void fail(rpc_conn_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* An answer that cannot go out within the heartbeat timeout: the peer has not read for
+ * that long, so the connection is as good as dead. */
 static int send_response(rpc_conn_t *c, uint64_t id, int code, const void *data, size_t len)
 {
     uint8_t h[21];
     frame_head(h, RPC_RESPONSE, 12, len);
     pconn__put_u64(h + 9, id);
     pconn__put_u32(h + 17, (uint32_t)code);
-    return write_frame(c, h, sizeof h, data, len);
+    int rc = write_frame(c, h, sizeof h, data, len, after_ms(pconn__mono_ns(), c->cfg.hb_timeout_ms));
+    if (rc == WF_TIMEOUT || rc == WF_TIMEOUT_MIDFRAME)
+        fail(c, PCONN_EIO, "an answer could not be sent for %lld ms: the peer does not read",
+             (long long)c->cfg.hb_timeout_ms);
+    return rc;
 }
 
 /* ---- failure ------------------------------------------------------------------- */
@@ -204,7 +281,6 @@ static void fail_calls(rpc_conn_t *c, int code, const char *msg)
 /* The reader's way out: the reason first, then the connection closed for everyone (so
  * a woken caller that asks its pconn again never gets this connection back, issue 9
  * defect 10), then the calls woken with the reason (rpc_close does it, or this). */
-static void fail(rpc_conn_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 {
     char msg[256];
@@ -226,14 +302,6 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 
 /* ---- reading ------------------------------------------------------------------- */
 
-/* base_ns plus ms milliseconds, saturating at INT64_MAX ("never"): PCONN_FOREVER, or a
- * value whose nanoseconds would overflow (INT64_MAX ms), means no deadline. */
-static int64_t after_ms(int64_t base_ns, int64_t ms)
-{
-    if (ms < 0 || ms > (INT64_MAX - base_ns) / 1000000)
-        return INT64_MAX;
-    return base_ns + ms * 1000000;
-}
 
 /* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
  * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout). */
@@ -253,13 +321,12 @@ static int wait_readable(rpc_conn_t *c)
             if (now >= dead_at)
                 return PCONN_ETIMEDOUT;
             if (now >= c->next_send_ns) {
-                /* Skipped while someone writes: those bytes reach the peer anyway. */
-                if (pthread_mutex_trylock(&c->wlock) == 0) {
-                    uint8_t h[9];
-                    frame_head(h, RPC_HEARTBEAT, 0, 0);
-                    write_frame_locked(c, h, sizeof h, NULL, 0);
-                    pconn__mutex_unlock(&c->wlock);
-                }
+                /* Never waits: skipped while someone writes (those bytes reach the peer
+                 * anyway) or while the socket is full (it would not be read either). */
+                uint8_t h[9];
+                frame_head(h, RPC_HEARTBEAT, 0, 0);
+                if (write_frame(c, h, sizeof h, NULL, 0, 0) == WF_TIMEOUT_MIDFRAME)
+                    return PCONN_EIO;
                 c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
             }
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
@@ -359,7 +426,7 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
     pconn__put_u32(hello + 9, RPC_MAGIC);
     hello[13] = 1;
     pconn__put_u16(hello + 14, RPC_VERSION);
-    if (write_frame(c, hello, sizeof hello, NULL, 0) != 0) {
+    if (write_frame(c, hello, sizeof hello, NULL, 0, c->handshake_deadline_ns) != WF_OK) {
         pconn_error_set(err, PCONN_EHANDSHAKE, errno, "rpc %s: handshake: write", c->address);
         return PCONN_EHANDSHAKE;
     }
@@ -665,7 +732,7 @@ static void rpc_destroy(void *impl)
     if (c->session != NULL)
         c->cfg.transport->close(c->session);
     close(c->fd);
-    pthread_mutex_destroy(&c->wlock);
+    pthread_cond_destroy(&c->wcond);
     pthread_mutex_destroy(&c->lock);
     free(c->rbuf);
     free(c);
@@ -706,7 +773,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
     atomic_init(&c->reader_done, false);
-    pthread_mutex_init(&c->wlock, NULL);
+    pconn__cond_init(&c->wcond);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->reader_cond, NULL);
     c->conn = pconn_conn_new(&rpc_ops, c);
@@ -754,6 +821,27 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
 }
 
 /* ---- calls --------------------------------------------------------------------- */
+
+static void unlink_pending(rpc_conn_t *c, pending_t *p)
+{
+    for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == p) {
+            *pp = p->next;
+            break;
+        }
+    }
+}
+
+/* Takes a call that will not wait for its answer off the list; an answer that already
+ * came is freed. */
+static void forget(rpc_conn_t *c, pending_t *p)
+{
+    pconn__mutex_lock(&c->lock);
+    unlink_pending(c, p);
+    pconn__mutex_unlock(&c->lock);
+    free(p->frame);
+    p->frame = NULL;
+}
 
 static int local_error(pconn_error_t *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int local_error(pconn_error_t *err, int code, const char *fmt, ...)
@@ -810,7 +898,19 @@ int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void
     pconn__put_u32(h + 17, (uint32_t)version);
     pconn__put_u16(h + 21, (uint16_t)name_len);
     memcpy(h + 23, name, name_len);
-    if (write_frame(c, h, 9 + fixed, req, req_len) != 0) {
+    int wrc = write_frame(c, h, 9 + fixed, req, req_len, deadline);
+    if (wrc == WF_TIMEOUT || wrc == WF_TIMEOUT_MIDFRAME) {
+        /* The call's timeout covers sending (issue 9, defect 3). */
+        forget(c, &p);
+        if (wrc == WF_TIMEOUT_MIDFRAME)
+            fail(c, PCONN_EIO, "a request left half-sent after %lld ms: the peer does not read",
+                 (long long)timeout_ms);
+        pthread_cond_destroy(&p.cond);
+        return local_error(err, PCONN_ETIMEDOUT, "rpc %s: %s version %d: could not send within %lld ms%s",
+                           c->address, name, version, (long long)timeout_ms,
+                           wrc == WF_TIMEOUT ? "" : " (connection closed: a frame was cut)");
+    }
+    if (wrc != WF_OK) {
         char msg[200];
         snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
         fail_calls(c, PCONN_EIO, msg); /* fails this call too */
@@ -820,12 +920,7 @@ int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void
     pconn__mutex_lock(&c->lock);
     while (!p.done) {
         if (pconn__cond_wait_until(&p.cond, &c->lock, deadline) != 0 && !p.done) {
-            for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
-                if (*pp == &p) {
-                    *pp = p.next;
-                    break;
-                }
-            }
+            unlink_pending(c, &p);
             pconn__mutex_unlock(&c->lock);
             pthread_cond_destroy(&p.cond);
             return local_error(err, PCONN_ETIMEDOUT, "rpc %s: %s version %d: no answer within %lld ms",

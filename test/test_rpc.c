@@ -533,7 +533,7 @@ static void test_dispatch_and_bind(void)
 
 /* A transport that counts the bytes it carries over plain sockets. */
 typedef struct counting_t {
-    atomic_long opened, read, written;
+    atomic_long opened, read, written, writes;
 } counting_t;
 static counting_t counts;
 
@@ -557,6 +557,7 @@ static ssize_t ct_write(void *s, const void *buf, size_t len)
     ssize_t n = send(*(int *)s, buf, len, MSG_NOSIGNAL);
     if (n > 0)
         atomic_fetch_add(&counts.written, n);
+    atomic_fetch_add(&counts.writes, 1);
     return n;
 }
 static void ct_close(void *s)
@@ -582,6 +583,9 @@ static void test_transport(void)
     CU_ASSERT_EQUAL(atomic_load(&counts.opened), 1);
     /* HELLO (16) + QUERY (8 + 1 + 8 + 4 + 2 + 4 + 5) went through it, and back. */
     CU_ASSERT_EQUAL(atomic_load(&counts.written), 16 + 32);
+    /* One write per frame, header and data together (issue 9, defect 11: two writes
+     * before, and each call waited for Nagle behind a TLS terminator). */
+    CU_ASSERT_EQUAL(atomic_load(&counts.writes), 2);
     CU_ASSERT_EQUAL(atomic_load(&counts.read), 16 + 8 + 1 + 12 + 5);
     pconn_free(pc);
     pconn_rpc_server_stop(srv);
@@ -1464,6 +1468,78 @@ static void test_emfile_does_not_spin(void)
     CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* ---- sending under a deadline (issue 9, defects 3 and 11) ------------------------- */
+
+typedef struct deaf_t {
+    int lfd;
+    pthread_t thread;
+    atomic_bool stop;
+} deaf_t;
+
+/* A raw RPC peer that answers the HELLO, then sends a heartbeat every 20 ms and reads
+ * nothing ever again: alive, but deaf. */
+static void *deaf_main(void *arg)
+{
+    deaf_t *d = arg;
+    int fd = accept4(d->lfd, NULL, NULL, SOCK_CLOEXEC);
+    unsigned char hello[16];
+    if (fd < 0 || recv(fd, hello, sizeof hello, MSG_WAITALL) != (ssize_t)sizeof hello ||
+        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) != (ssize_t)sizeof good_hello) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    static const unsigned char hb[9] = {0, 0, 0, 0, 0, 0, 0, 1, 2};
+    while (!atomic_load(&d->stop)) {
+        if (send(fd, hb, sizeof hb, MSG_NOSIGNAL) != (ssize_t)sizeof hb)
+            break;
+        struct timespec ts = {0, 20000000};
+        nanosleep(&ts, NULL); /* the heartbeat's period */
+    }
+    close(fd);
+    return NULL;
+}
+
+/* Defect 3: a call's timeout covers sending. To a peer that keeps its heartbeats coming
+ * but never reads, a 32 MiB request with a 300 ms timeout fails with PCONN_ETIMEDOUT
+ * and says so. Before: it blocked until TCP_USER_TIMEOUT (30 s) and failed with
+ * "connection closed by peer". */
+static void test_call_timeout_covers_sending(void)
+{
+    pconn_error_t err;
+    deaf_t d = {.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err)};
+    CU_ASSERT_FATAL(d.lfd >= 0);
+    char address[64];
+    pconn_tcp_local_address(d.lfd, address, sizeof address);
+    pthread_create(&d.thread, NULL, deaf_main, &d);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {address};
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
+    o.max_message_size = 64 << 20;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    size_t big = 32u << 20;
+    char *req = calloc(1, big);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, req, big, &resp, 300, &err), PCONN_ETIMEDOUT);
+    char want[200];
+    snprintf(want, sizeof want, "rpc %s: echo version 1: could not send within 300 ms", address);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, want));
+    /* Half a frame went out: the connection is closed, and says why. */
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, &err), PCONN_EIO);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "a request left half-sent after 300 ms: the peer does not read"));
+    free(req);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    atomic_store(&d.stop, true);
+    pthread_join(d.thread, NULL);
+    close(d.lfd);
+    rec_destroy(&rec);
+}
+
 static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
@@ -1494,6 +1570,7 @@ static const test_def_t tests[] = {
     {"stop_with_silent_peer", test_stop_with_silent_peer},
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
+    {"call_timeout_covers_sending", test_call_timeout_covers_sending},
     {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},
