@@ -4,6 +4,7 @@
 #include "rpc.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -35,6 +36,7 @@ typedef struct rpc_conn_t {
     char address[PCONN_ADDRESS_MAX];
     rpc_config_t cfg;
     void *session;      /* the transport's, or NULL */
+    pconn_rpc_peer_t peer; /* address: ours; subject and sans: the session's */
 
     pthread_mutex_t lock;  /* pending, next_id, failure, writing */
     pthread_cond_t wcond;  /* writing went false */
@@ -65,10 +67,16 @@ typedef struct rpc_conn_t {
 } rpc_conn_t;
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
+static _Thread_local const pconn_rpc_peer_t *tl_handler_peer;
 
 pconn_conn_t *pconn_rpc_handler_conn(void)
 {
     return tl_handler_conn;
+}
+
+const pconn_rpc_peer_t *pconn_rpc_handler_peer(void)
+{
+    return tl_handler_peer;
 }
 
 void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
@@ -81,6 +89,20 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->hb_timeout_ms = hb != NULL && (hb->timeout_ms > 0 || hb->timeout_ms == PCONN_FOREVER) ? hb->timeout_ms : RPC_DEFAULT_HB_TIMEOUT_MS;
     cfg->hb_every_ms = hb != NULL && hb->send_every_ms > 0 ? hb->send_every_ms : RPC_DEFAULT_HB_EVERY_MS;
     cfg->transport = transport;
+    cfg->server = false;
+    cfg->authorize = NULL;
+    cfg->authorize_arg = NULL;
+}
+
+/* The poll() events the transport's last call of that direction waits for. */
+static short transport_wants(const rpc_conn_t *c, int writing)
+{
+    if (c->cfg.transport != NULL && c->cfg.transport->wants != NULL && c->session != NULL) {
+        short ev = c->cfg.transport->wants(c->session, writing);
+        if (ev != 0)
+            return ev;
+    }
+    return writing ? POLLOUT : POLLIN;
 }
 
 /* ---- raw I/O ------------------------------------------------------------------- */
@@ -173,15 +195,16 @@ static int send_plain(rpc_conn_t *c, const uint8_t *head, size_t head_len, const
     return WF_OK;
 }
 
-/* A transport: its write blocks as the transport does (no deadline). Header and data go
- * in one write when the frame is small, so that no frame waits for Nagle between its
- * two halves behind a TLS terminator (issue 9, defect 11). */
+/* A transport: non-blocking writes, polling for what the session wants until
+ * deadline_ns (0: no waiting). Header and data go in one write when the frame is small,
+ * so that no frame waits for Nagle between its two halves behind a TLS terminator
+ * (issue 9, defect 11). */
 static int send_transport(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
-                          size_t data_len)
+                          size_t data_len, int64_t deadline_ns)
 {
     uint8_t small[16384];
     const uint8_t *parts[2] = {head, data};
-    size_t lens[2] = {head_len, data_len};
+    size_t lens[2] = {head_len, data_len}, sent = 0;
     if (head_len + data_len <= sizeof small) {
         memcpy(small, head, head_len);
         if (data_len > 0)
@@ -195,10 +218,20 @@ static int send_transport(rpc_conn_t *c, const uint8_t *head, size_t head_len, c
             ssize_t n = raw_write(c, parts[i], lens[i]);
             if (n < 0 && errno == EINTR)
                 continue;
+            if (n < 0 && errno == EAGAIN) {
+                struct pollfd pfd = {.fd = c->fd, .events = transport_wants(c, 1)};
+                int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+                if (rc == 0)
+                    return sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
+                if (rc < 0 && errno != EINTR)
+                    return WF_ERROR;
+                continue;
+            }
             if (n <= 0)
                 return WF_ERROR;
             parts[i] += n;
             lens[i] -= (size_t)n;
+            sent += (size_t)n;
         }
     }
     return WF_OK;
@@ -214,7 +247,7 @@ static int write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, cons
     if (!writer_enter(c, deadline_ns))
         return WF_TIMEOUT;
     int rc = c->cfg.transport == NULL ? send_plain(c, head, head_len, data, data_len, deadline_ns)
-                                      : send_transport(c, head, head_len, data, data_len);
+                                      : send_transport(c, head, head_len, data, data_len, deadline_ns);
     int e = errno;
     writer_leave(c);
     errno = e;
@@ -332,7 +365,8 @@ static int wait_readable(rpc_conn_t *c)
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
         }
         int cancel_fd = c->handshake_deadline_ns > 0 ? c->cancel_fd : -1;
-        struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = cancel_fd, .events = POLLIN}};
+        struct pollfd pfd[2] = {{.fd = c->fd, .events = transport_wants(c, 0)},
+                                {.fd = cancel_fd, .events = POLLIN}};
         int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(until));
         if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
             if (c->cancelled == NULL || c->cancelled())
@@ -421,6 +455,20 @@ static int read_frame(rpc_conn_t *c, size_t limit, uint8_t **payload, size_t *le
 
 static int handshake(rpc_conn_t *c, pconn_error_t *err)
 {
+    if (c->cfg.authorize != NULL) {
+        pconn_error_t why = {0};
+        int arc = c->cfg.authorize(&c->peer, c->cfg.authorize_arg, &why);
+        if (arc != PCONN_OK) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "not authorized: %s",
+                     why.message[0] != '\0' ? why.message : pconn_strerror(arc));
+            send_close(c, PCONN_EHANDSHAKE, msg);
+            char sink[64]; /* the peer's HELLO, if here: closing over it would reset */
+            (void)!recv(c->fd, sink, sizeof sink, MSG_DONTWAIT);
+            pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: %s", c->address, msg);
+            return PCONN_EHANDSHAKE;
+        }
+    }
     uint8_t hello[9 + 7];
     frame_head(hello, RPC_HELLO, 7, 0);
     pconn__put_u32(hello + 9, RPC_MAGIC);
@@ -511,8 +559,10 @@ static void run_query(void *arg)
         send_response(c, j->m.id, PCONN_EUNIMPLEMENTED, msg, (size_t)n);
     } else {
         tl_handler_conn = c->conn;
+        tl_handler_peer = &c->peer;
         int rc = fn(harg, j->m.data, j->m.data_len, &resp, &err);
         tl_handler_conn = NULL;
+        tl_handler_peer = NULL;
         if (rc != PCONN_OK) {
             if (err.message[0] == '\0')
                 snprintf(err.message, sizeof err.message, "%s", pconn_strerror(rc));
@@ -750,6 +800,44 @@ bool pconn__rpc_conn_done(pconn_conn_t *conn)
     return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->reader_done);
 }
 
+/* The transport's session and its own handshake, within the handshake's deadline and
+ * interruptible by its cancel fd; then the peer's identity. */
+static int transport_start(rpc_conn_t *c, pconn_error_t *err)
+{
+    const pconn_transport_t *t = c->cfg.transport;
+    pconn_error_t local = {0};
+    c->session = t->open(t->arg, c->fd, c->address, c->cfg.server, &local);
+    if (c->session == NULL) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
+                        local.message[0] != '\0' ? local.message : "open failed");
+        return PCONN_EHANDSHAKE;
+    }
+    while (t->handshake != NULL) {
+        local = (pconn_error_t){0};
+        errno = 0;
+        if (t->handshake(c->session, &local) == 0)
+            break;
+        if (errno != EAGAIN) {
+            pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
+                            local.message[0] != '\0' ? local.message : "handshake failed");
+            return PCONN_EHANDSHAKE;
+        }
+        int rc = wait_readable(c); /* polls for wants(session, 0), deadline, cancel fd */
+        if (rc == PCONN_ETIMEDOUT) {
+            pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport: handshake timed out", c->address);
+            return PCONN_EHANDSHAKE;
+        }
+        if (rc != PCONN_OK) {
+            pconn_error_set(err, rc, 0, "rpc %s: transport: handshake %s", c->address,
+                            rc == PCONN_ECLOSED ? "interrupted by close" : "failed");
+            return rc;
+        }
+    }
+    if (t->identity != NULL)
+        t->identity(c->session, &c->peer);
+    return PCONN_OK;
+}
+
 int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, int64_t deadline_ns,
                          int cancel_fd, bool (*cancelled)(void), void (*on_reader_exit)(void *),
                          void *exit_arg, pconn_conn_t **out, pconn_error_t *err)
@@ -784,19 +872,17 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     }
     pconn__conn_set_address(c->conn, address);
     pconn__conn_set_quiesce(c->conn, wait_reader_out);
-    int rc = PCONN_OK;
-    if (cfg->transport != NULL) {
-        int64_t left_ms = (deadline_ns - pconn__mono_ns()) / 1000000;
-        c->session = cfg->transport->open(cfg->transport->arg, fd, address, left_ms > 0 ? left_ms : 0, err);
-        if (c->session == NULL) {
-            if (err != NULL && err->code == PCONN_OK)
-                pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport failed", address);
-            rc = PCONN_EHANDSHAKE;
-        }
-    }
+    c->peer.address = c->address;
     c->handshake_deadline_ns = deadline_ns;
     c->cancel_fd = cancel_fd;
     c->cancelled = cancelled;
+    /* Every wait is a poll() with a deadline and the cancel fd, never a blocking call. */
+    int fl = fcntl(fd, F_GETFL);
+    int rc = fl >= 0 && fcntl(fd, F_SETFL, fl | O_NONBLOCK) == 0 ? PCONN_OK : PCONN_EIO;
+    if (rc != PCONN_OK)
+        pconn_error_set(err, PCONN_EIO, errno, "rpc %s: fcntl", address);
+    if (rc == PCONN_OK && cfg->transport != NULL)
+        rc = transport_start(c, err);
     if (rc == PCONN_OK)
         rc = handshake(c, err);
     c->handshake_deadline_ns = 0;
