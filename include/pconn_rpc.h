@@ -159,6 +159,22 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
 int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
                    size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err);
 
+/* One call of a batch for pconn_rpc_call_many(). */
+typedef struct pconn_rpc_call_t {
+    const char *name; int version; const void *req; size_t req_len;  /* in */
+    pconn_buf_t resp; int status; pconn_error_t err;                 /* out, per call */
+} pconn_rpc_call_t;
+
+/* Pipelining for one thread: sends all n calls on conn at once (one write where they
+ * fit), waits until every one has its answer or the shared deadline passes; returns
+ * PCONN_OK when all succeeded, else the first failing status (in the order of calls).
+ * Each call's own status, err and resp (free with pconn_buf_free(); empty unless its
+ * status is PCONN_OK) say what happened to it, as pconn_rpc_call() would. A call that
+ * fails its checks (bad name, too big) is not sent; the others are. timeout_ms covers
+ * sending and answers, as for pconn_rpc_call(). Any thread; n may be 0. */
+int pconn_rpc_call_many(pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                        int64_t timeout_ms);
+
 /* Waits (within timeout_ms) for a connection of pc, then calls on it within what is left
  * of timeout_ms: the one line a legacy program needs. PCONN_ETIMEDOUT when no connection
  * came in time, PCONN_ECLOSED when pc is closed; otherwise as pconn_rpc_call(). */

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -156,15 +157,16 @@ static void writer_leave(rpc_conn_t *c)
     pconn__mutex_unlock(&c->lock);
 }
 
-/* Plain TCP: header and data in one sendmsg(), never blocking in it: when the socket is
- * full it polls for room until deadline_ns (0: not at all). */
-static int send_plain(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
-                      size_t data_len, int64_t deadline_ns)
+/* Plain TCP: every frame in as few sendmsg() calls as the kernel takes, never blocking
+ * in them: when the socket is full it polls for room until deadline_ns (0: not at all).
+ * Consumes iov. */
+static int send_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
-    struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
-    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = data_len > 0 ? 2 : 1};
-    size_t total = head_len + data_len, sent = 0;
-    while (sent < total) {
+    size_t sent = 0;
+    while (iovcnt > 0 && iov->iov_len == 0)
+        iov++, iovcnt--;
+    while (iovcnt > 0) {
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)(iovcnt < IOV_MAX ? iovcnt : IOV_MAX)};
         ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0 && errno == EINTR)
             continue;
@@ -180,14 +182,14 @@ static int send_plain(rpc_conn_t *c, const uint8_t *head, size_t head_len, const
         if (n <= 0)
             return WF_ERROR;
         sent += (size_t)n;
-        while (n > 0 && mh.msg_iovlen > 0) {
-            if ((size_t)n >= mh.msg_iov->iov_len) {
-                n -= (ssize_t)mh.msg_iov->iov_len;
-                mh.msg_iov++;
-                mh.msg_iovlen--;
+        while (n > 0 || (iovcnt > 0 && iov->iov_len == 0)) {
+            if ((size_t)n >= iov->iov_len) {
+                n -= (ssize_t)iov->iov_len;
+                iov++;
+                iovcnt--;
             } else {
-                mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + n;
-                mh.msg_iov->iov_len -= (size_t)n;
+                iov->iov_base = (char *)iov->iov_base + n;
+                iov->iov_len -= (size_t)n;
                 n = 0;
             }
         }
@@ -195,63 +197,82 @@ static int send_plain(rpc_conn_t *c, const uint8_t *head, size_t head_len, const
     return WF_OK;
 }
 
-/* A transport: non-blocking writes, polling for what the session wants until
- * deadline_ns (0: no waiting). Header and data go in one write when the frame is small,
- * so that no frame waits for Nagle between its two halves behind a TLS terminator
- * (issue 9, defect 11). */
-static int send_transport(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
-                          size_t data_len, int64_t deadline_ns)
+/* One write through the transport, whole, polling for what the session wants until
+ * deadline_ns (0: no waiting). *sent counts what went out. */
+static int transport_write_all(rpc_conn_t *c, const uint8_t *p, size_t len, int64_t deadline_ns,
+                               size_t *sent)
 {
-    uint8_t small[16384];
-    const uint8_t *parts[2] = {head, data};
-    size_t lens[2] = {head_len, data_len}, sent = 0;
-    if (head_len + data_len <= sizeof small) {
-        memcpy(small, head, head_len);
-        if (data_len > 0)
-            memcpy(small + head_len, data, data_len);
-        parts[0] = small;
-        lens[0] = head_len + data_len;
-        lens[1] = 0;
-    }
-    for (int i = 0; i < 2; i++) {
-        while (lens[i] > 0) {
-            ssize_t n = raw_write(c, parts[i], lens[i]);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n < 0 && errno == EAGAIN) {
-                struct pollfd pfd = {.fd = c->fd, .events = transport_wants(c, 1)};
-                int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
-                if (rc == 0)
-                    return sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
-                if (rc < 0 && errno != EINTR)
-                    return WF_ERROR;
-                continue;
-            }
-            if (n <= 0)
+    while (len > 0) {
+        ssize_t n = raw_write(c, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd pfd = {.fd = c->fd, .events = transport_wants(c, 1)};
+            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            if (rc == 0)
+                return *sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
+            if (rc < 0 && errno != EINTR)
                 return WF_ERROR;
-            parts[i] += n;
-            lens[i] -= (size_t)n;
-            sent += (size_t)n;
+            continue;
         }
+        if (n <= 0)
+            return WF_ERROR;
+        p += n;
+        len -= (size_t)n;
+        *sent += (size_t)n;
     }
     return WF_OK;
 }
 
-/* Writes one frame, whole, before deadline_ns (INT64_MAX: none; 0: only if that needs
- * no waiting). WF_OK; WF_TIMEOUT: nothing of it went out, the connection is fine;
- * WF_TIMEOUT_MIDFRAME: part of it went out, the stream is broken (the caller fails the
- * connection); WF_ERROR with errno. */
-static int write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
-                       size_t data_len, int64_t deadline_ns)
+/* A transport: small frames are gathered into one write of up to 16 KiB, so that no
+ * frame waits for Nagle between its header and its data behind a TLS terminator (issue
+ * 9, defect 11) and queued calls go out together; large parts are written as they are. */
+static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+    uint8_t stage[16384];
+    size_t staged = 0, sent = 0;
+    int rc = WF_OK;
+    for (int i = 0; i < iovcnt && rc == WF_OK; i++) {
+        if (iov[i].iov_len <= sizeof stage - staged) {
+            memcpy(stage + staged, iov[i].iov_base, iov[i].iov_len);
+            staged += iov[i].iov_len;
+            continue;
+        }
+        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
+        staged = 0;
+        if (rc == WF_OK && iov[i].iov_len <= sizeof stage) {
+            memcpy(stage, iov[i].iov_base, iov[i].iov_len);
+            staged = iov[i].iov_len;
+        } else if (rc == WF_OK) {
+            rc = transport_write_all(c, iov[i].iov_base, iov[i].iov_len, deadline_ns, &sent);
+        }
+    }
+    if (rc == WF_OK)
+        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
+    return rc;
+}
+
+/* Writes whole frames (iov: their headers and data in order) before deadline_ns
+ * (INT64_MAX: none; 0: only if that needs no waiting). WF_OK; WF_TIMEOUT: nothing went
+ * out, the connection is fine; WF_TIMEOUT_MIDFRAME: part went out, the stream is broken
+ * (the caller fails the connection); WF_ERROR with errno. Consumes iov. */
+static int write_frames(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
     if (!writer_enter(c, deadline_ns))
         return WF_TIMEOUT;
-    int rc = c->cfg.transport == NULL ? send_plain(c, head, head_len, data, data_len, deadline_ns)
-                                      : send_transport(c, head, head_len, data, data_len, deadline_ns);
+    int rc = c->cfg.transport == NULL ? send_plain(c, iov, iovcnt, deadline_ns)
+                                      : send_transport(c, iov, iovcnt, deadline_ns);
     int e = errno;
     writer_leave(c);
     errno = e;
     return rc;
+}
+
+static int write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
+                       size_t data_len, int64_t deadline_ns)
+{
+    struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
+    return write_frames(c, iov, 2, deadline_ns);
 }
 
 /* Frame header: length, type, and the fixed fields the caller appends. */
@@ -943,94 +964,206 @@ static int local_error(pconn_error_t *err, int code, const char *fmt, ...)
     return code;
 }
 
+#define QUERY_HEAD_MAX (9 + 8 + 4 + 2 + RPC_NAME_MAX)
+
+/* The outcome of a finished call into call->resp/status/err; frees what is not handed
+ * over. */
+static void finish_call(pconn_rpc_call_t *call, pending_t *p)
+{
+    if (p->frame == NULL) { /* failed locally: the message is in p->msg */
+        local_error(&call->err, p->code, "%s", p->msg);
+        call->status = p->code;
+        return;
+    }
+    if (p->code == RPC_CODE_OK) {
+        /* Hand the frame over without copying: move the data to its start. */
+        memmove(p->frame, p->frame + 13, p->data_len);
+        call->resp = (pconn_buf_t){.data = p->frame, .len = p->data_len, .cap = p->data_len + 13};
+        call->status = PCONN_OK;
+        call->err = (pconn_error_t){0};
+        return;
+    }
+    int code = p->code == PCONN_EUNIMPLEMENTED || p->code == PCONN_ETOOBIG ? p->code : PCONN_EREMOTE;
+    int n = (int)(p->data_len < 255 ? p->data_len : 255);
+    local_error(&call->err, code, "%.*s", n, (const char *)p->frame + 13);
+    call->status = code;
+    free(p->frame);
+}
+
+/* Checks one call; PCONN_OK, or its status and err set. */
+static int check_call(const rpc_conn_t *c, pconn_rpc_call_t *call)
+{
+    call->resp = (pconn_buf_t){0};
+    call->err = (pconn_error_t){0};
+    if (call->name == NULL || call->version < 0 || (call->req == NULL && call->req_len > 0))
+        return call->status = local_error(&call->err, PCONN_EINVAL, "pconn_rpc_call: bad argument");
+    size_t name_len = strlen(call->name);
+    if (name_len == 0 || name_len > RPC_NAME_MAX)
+        return call->status = local_error(&call->err, PCONN_EINVAL,
+                                           "pconn_rpc_call: name of %zu bytes (1-255)", name_len);
+    if (call->req_len > c->cfg.max - 1 - (8 + 4 + 2 + name_len))
+        return call->status = local_error(&call->err, PCONN_ETOOBIG,
+                                           "rpc %s: request of %zu bytes over the limit of %zu bytes",
+                                           c->address, call->req_len, c->cfg.max);
+    return PCONN_OK;
+}
+
+/* Sends every valid call of calls[0..n) in one write where they fit, then waits for all
+ * their answers until the shared deadline. ps and heads have room for n. */
+static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                      int64_t timeout_ms, pending_t *ps, uint8_t (*heads)[QUERY_HEAD_MAX],
+                      struct iovec *iov)
+{
+    int64_t deadline = pconn__deadline_ns(timeout_ms);
+    size_t live = 0;
+    for (size_t i = 0; i < n; i++) {
+        ps[i] = (pending_t){0};
+        if (check_call(c, &calls[i]) == PCONN_OK) {
+            ps[i].id = 1; /* marks it as sent below */
+            live++;
+        }
+    }
+    if (live == 0)
+        return;
+    pconn__mutex_lock(&c->lock);
+    if (c->failed) {
+        for (size_t i = 0; i < n; i++)
+            if (ps[i].id != 0)
+                calls[i].status = local_error(&calls[i].err, c->fail_code, "%s", c->fail_msg);
+        pconn__mutex_unlock(&c->lock);
+        return;
+    }
+    int iovcnt = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].id == 0)
+            continue;
+        pconn__cond_init(&ps[i].cond);
+        ps[i].id = ++c->next_id;
+        ps[i].next = c->pending;
+        c->pending = &ps[i];
+        size_t name_len = strlen(calls[i].name), fixed = 8 + 4 + 2 + name_len;
+        uint8_t *h = heads[i];
+        frame_head(h, RPC_QUERY, fixed, calls[i].req_len);
+        pconn__put_u64(h + 9, ps[i].id);
+        pconn__put_u32(h + 17, (uint32_t)calls[i].version);
+        pconn__put_u16(h + 21, (uint16_t)name_len);
+        memcpy(h + 23, calls[i].name, name_len);
+        iov[iovcnt++] = (struct iovec){h, 9 + fixed};
+        iov[iovcnt++] = (struct iovec){(void *)calls[i].req, calls[i].req_len};
+    }
+    pconn__mutex_unlock(&c->lock);
+
+    int wrc = write_frames(c, iov, iovcnt, deadline);
+    if (wrc == WF_TIMEOUT || wrc == WF_TIMEOUT_MIDFRAME) {
+        /* The calls' timeout covers sending (issue 9, defect 3). */
+        for (size_t i = 0; i < n; i++)
+            if (ps[i].id != 0)
+                forget(c, &ps[i]);
+        if (wrc == WF_TIMEOUT_MIDFRAME)
+            fail(c, PCONN_EIO, "a request left half-sent after %lld ms: the peer does not read",
+                 (long long)timeout_ms);
+        for (size_t i = 0; i < n; i++) {
+            if (ps[i].id == 0)
+                continue;
+            pthread_cond_destroy(&ps[i].cond);
+            calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
+                                          "rpc %s: %s version %d: could not send within %lld ms%s",
+                                          c->address, calls[i].name, calls[i].version,
+                                          (long long)timeout_ms,
+                                          wrc == WF_TIMEOUT ? "" : " (connection closed: a frame was cut)");
+        }
+        return;
+    }
+    if (wrc != WF_OK) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
+        fail_calls(c, PCONN_EIO, msg); /* fails these calls too */
+        pconn_conn_close(conn);
+    }
+
+    pconn__mutex_lock(&c->lock);
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].id == 0)
+            continue;
+        bool timed_out = false;
+        while (!ps[i].done && !timed_out)
+            timed_out = pconn__cond_wait_until(&ps[i].cond, &c->lock, deadline) != 0 && !ps[i].done;
+        if (timed_out) {
+            unlink_pending(c, &ps[i]);
+            calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
+                                          "rpc %s: %s version %d: no answer within %lld ms", c->address,
+                                          calls[i].name, calls[i].version, (long long)timeout_ms);
+        }
+    }
+    pconn__mutex_unlock(&c->lock);
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].id == 0)
+            continue;
+        pthread_cond_destroy(&ps[i].cond);
+        if (ps[i].done)
+            finish_call(&calls[i], &ps[i]);
+    }
+}
+
+int pconn_rpc_call_many(pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n, int64_t timeout_ms)
+{
+    if (calls == NULL && n > 0)
+        return PCONN_EINVAL;
+    int bad = conn == NULL || pconn__conn_ops(conn) != &rpc_ops ? PCONN_EINVAL
+              : pconn__conn_inherited(conn)                    ? PCONN_ECLOSED
+                                                               : PCONN_OK;
+    if (bad == PCONN_OK && n > (size_t)INT_MAX / 2) {
+        bad = PCONN_EINVAL;
+    }
+    pending_t *ps = NULL;
+    uint8_t(*heads)[QUERY_HEAD_MAX] = NULL;
+    struct iovec *iov = NULL;
+    if (bad == PCONN_OK && n > 0) {
+        ps = calloc(n, sizeof *ps);
+        heads = malloc(n * sizeof *heads);
+        iov = malloc(2 * n * sizeof *iov);
+        if (ps == NULL || heads == NULL || iov == NULL)
+            bad = PCONN_ENOMEM;
+    }
+    if (bad != PCONN_OK) {
+        for (size_t i = 0; i < n; i++) {
+            calls[i].resp = (pconn_buf_t){0};
+            calls[i].status = local_error(&calls[i].err, bad, "%s",
+                                          bad == PCONN_ECLOSED ? "rpc: connection inherited across fork()"
+                                          : bad == PCONN_ENOMEM ? "pconn_rpc_call_many: out of memory"
+                                                                : "pconn_rpc_call_many: bad argument");
+        }
+    } else if (n > 0) {
+        run_calls(pconn_conn_impl(conn), conn, calls, n, timeout_ms, ps, heads, iov);
+    }
+    free(ps);
+    free(heads);
+    free(iov);
+    for (size_t i = 0; i < n; i++)
+        if (calls[i].status != PCONN_OK)
+            return calls[i].status;
+    return bad;
+}
+
 int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
                    size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err)
 {
     if (resp != NULL)
         *resp = (pconn_buf_t){0};
-    if (conn == NULL || pconn__conn_ops(conn) != &rpc_ops || name == NULL || resp == NULL ||
-        version < 0 || (req == NULL && req_len > 0))
+    if (conn == NULL || pconn__conn_ops(conn) != &rpc_ops || resp == NULL)
         return local_error(err, PCONN_EINVAL, "pconn_rpc_call: bad argument");
     rpc_conn_t *c = pconn_conn_impl(conn);
     if (pconn__conn_inherited(conn)) /* its reader is the parent's; the socket too */
         return local_error(err, PCONN_ECLOSED, "rpc %s: connection inherited across fork()",
                            c->address);
-    size_t name_len = strlen(name);
-    if (name_len == 0 || name_len > RPC_NAME_MAX)
-        return local_error(err, PCONN_EINVAL, "pconn_rpc_call: name of %zu bytes (1-255)", name_len);
-    size_t fixed = 8 + 4 + 2 + name_len;
-    if (req_len > c->cfg.max - 1 - fixed)
-        return local_error(err, PCONN_ETOOBIG, "rpc %s: request of %zu bytes over the limit of %zu bytes",
-                           c->address, req_len, c->cfg.max);
-
-    pending_t p = {0};
-    pconn__cond_init(&p.cond);
-    int64_t deadline = pconn__deadline_ns(timeout_ms);
-    pconn__mutex_lock(&c->lock);
-    if (c->failed) {
-        int code = c->fail_code;
-        pconn__mutex_unlock(&c->lock);
-        pthread_cond_destroy(&p.cond);
-        return local_error(err, code, "%s", c->fail_msg);
-    }
-    p.id = ++c->next_id;
-    p.next = c->pending;
-    c->pending = &p;
-    pconn__mutex_unlock(&c->lock);
-
-    uint8_t h[9 + 8 + 4 + 2 + RPC_NAME_MAX];
-    frame_head(h, RPC_QUERY, fixed, req_len);
-    pconn__put_u64(h + 9, p.id);
-    pconn__put_u32(h + 17, (uint32_t)version);
-    pconn__put_u16(h + 21, (uint16_t)name_len);
-    memcpy(h + 23, name, name_len);
-    int wrc = write_frame(c, h, 9 + fixed, req, req_len, deadline);
-    if (wrc == WF_TIMEOUT || wrc == WF_TIMEOUT_MIDFRAME) {
-        /* The call's timeout covers sending (issue 9, defect 3). */
-        forget(c, &p);
-        if (wrc == WF_TIMEOUT_MIDFRAME)
-            fail(c, PCONN_EIO, "a request left half-sent after %lld ms: the peer does not read",
-                 (long long)timeout_ms);
-        pthread_cond_destroy(&p.cond);
-        return local_error(err, PCONN_ETIMEDOUT, "rpc %s: %s version %d: could not send within %lld ms%s",
-                           c->address, name, version, (long long)timeout_ms,
-                           wrc == WF_TIMEOUT ? "" : " (connection closed: a frame was cut)");
-    }
-    if (wrc != WF_OK) {
-        char msg[200];
-        snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
-        fail_calls(c, PCONN_EIO, msg); /* fails this call too */
-        pconn_conn_close(conn);
-    }
-
-    pconn__mutex_lock(&c->lock);
-    while (!p.done) {
-        if (pconn__cond_wait_until(&p.cond, &c->lock, deadline) != 0 && !p.done) {
-            unlink_pending(c, &p);
-            pconn__mutex_unlock(&c->lock);
-            pthread_cond_destroy(&p.cond);
-            return local_error(err, PCONN_ETIMEDOUT, "rpc %s: %s version %d: no answer within %lld ms",
-                               c->address, name, version, (long long)timeout_ms);
-        }
-    }
-    pconn__mutex_unlock(&c->lock);
-    pthread_cond_destroy(&p.cond);
-
-    if (p.frame == NULL) /* failed locally: the message is in p.msg */
-        return local_error(err, p.code, "%s", p.msg);
-    if (p.code == RPC_CODE_OK) {
-        /* Hand the frame over without copying: move the data to its start. */
-        memmove(p.frame, p.frame + 13, p.data_len);
-        resp->data = p.frame;
-        resp->len = p.data_len;
-        resp->cap = p.data_len + 13;
-        if (err != NULL)
-            *err = (pconn_error_t){0};
-        return PCONN_OK;
-    }
-    int code = p.code == PCONN_EUNIMPLEMENTED || p.code == PCONN_ETOOBIG ? p.code : PCONN_EREMOTE;
-    int n = (int)(p.data_len < 255 ? p.data_len : 255);
-    local_error(err, code, "%.*s", n, (const char *)p.frame + 13);
-    free(p.frame);
-    return code;
+    /* One call is a batch of one, on the stack: no allocation on this path. */
+    pconn_rpc_call_t call = {.name = name, .version = version, .req = req, .req_len = req_len};
+    pending_t p;
+    uint8_t head[1][QUERY_HEAD_MAX];
+    struct iovec iov[2];
+    run_calls(c, conn, &call, 1, timeout_ms, &p, head, iov);
+    *resp = call.resp;
+    if (err != NULL)
+        *err = call.err;
+    return call.status;
 }

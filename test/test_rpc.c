@@ -1621,6 +1621,86 @@ static void test_call_timeout_covers_sending(void)
     rec_destroy(&rec);
 }
 
+/* ---- pipelining for one thread: pconn_rpc_call_many ----------------------------- */
+
+/* 16 calls in one batch through a counting transport: one write carries them all, and
+ * each gets its own answer. */
+static void test_call_many_one_write(void)
+{
+    static const pconn_transport_t ct = {.open = ct_open, .handshake = ct_handshake,
+                                         .read = ct_read, .write = ct_write, .close = ct_close,
+                                         .arg = &counts};
+    static const pconn_transport_t sct = {.open = ct_open, .handshake = ct_handshake,
+                                          .read = ct_read, .write = ct_write, .close = ct_close,
+                                          .arg = &scounts};
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .transport = &sct};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.transport = &ct;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_rpc_call_t calls[16];
+    char reqs[16][16];
+    for (int i = 0; i < 16; i++) {
+        int n = snprintf(reqs[i], sizeof reqs[i], "call %d", i);
+        calls[i] = (pconn_rpc_call_t){.name = "echo", .version = 1, .req = reqs[i], .req_len = (size_t)n};
+    }
+    long writes = atomic_load(&counts.writes);
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 16, WAIT_MS), PCONN_OK);
+    CU_ASSERT_EQUAL(atomic_load(&counts.writes) - writes, 1);
+    for (int i = 0; i < 16; i++) {
+        CU_ASSERT_EQUAL(calls[i].status, PCONN_OK);
+        CU_ASSERT(calls[i].resp.len == strlen(reqs[i]) && memcmp(calls[i].resp.data, reqs[i], calls[i].resp.len) == 0);
+        pconn_buf_free(&calls[i].resp);
+    }
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, NULL, 0, WAIT_MS), PCONN_OK);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+}
+
+/* Each call has its own outcome: not sent (bad name), refused by the handler, no answer
+ * in time, answered; the batch returns the first failure in order. */
+static void test_call_many_outcomes(void)
+{
+    fixture_t f;
+    setup(&f);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(f.pc, WAIT_MS, &conn), PCONN_OK);
+    gate_set(false);
+    pconn_rpc_call_t calls[4] = {
+        {.name = "echo", .version = 1, .req = "a", .req_len = 1},
+        {.name = "", .version = 1},
+        {.name = "fail", .version = 1, .req = "7", .req_len = 1},
+        {.name = "slow", .version = 1, .req = "s", .req_len = 1},
+    };
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 4, 300), PCONN_EINVAL);
+    CU_ASSERT_EQUAL(calls[0].status, PCONN_OK);
+    CU_ASSERT(calls[0].resp.len == 1 && ((const char *)calls[0].resp.data)[0] == 'a');
+    CU_ASSERT_EQUAL(calls[1].status, PCONN_EINVAL);
+    CU_ASSERT_STRING_EQUAL(calls[1].err.message, "pconn_rpc_call: name of 0 bytes (1-255)");
+    CU_ASSERT_EQUAL(calls[2].status, PCONN_EREMOTE);
+    CU_ASSERT_STRING_EQUAL(calls[2].err.message, "account 7 is locked");
+    CU_ASSERT_EQUAL(calls[3].status, PCONN_ETIMEDOUT);
+    CU_ASSERT_PTR_NOT_NULL(strstr(calls[3].err.message, "slow version 1: no answer within 300 ms"));
+    CU_ASSERT_PTR_NULL(calls[3].resp.data);
+    gate_set(true); /* lets the handler go */
+    for (int i = 0; i < 4; i++)
+        pconn_buf_free(&calls[i].resp);
+    pconn_conn_unref(conn);
+    teardown(&f);
+}
+
 static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
@@ -1652,6 +1732,8 @@ static const test_def_t tests[] = {
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
     {"call_timeout_covers_sending", test_call_timeout_covers_sending},
+    {"call_many_one_write", test_call_many_one_write},
+    {"call_many_outcomes", test_call_many_outcomes},
     {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},
