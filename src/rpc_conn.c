@@ -247,6 +247,8 @@ static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, in
     size_t staged = 0, sent = 0;
     int rc = WF_OK;
     for (int i = 0; i < iovcnt && rc == WF_OK; i++) {
+        if (iov[i].iov_len == 0)
+            continue; /* no data: its base may be NULL */
         if (iov[i].iov_len <= sizeof stage - staged) {
             memcpy(stage + staged, iov[i].iov_base, iov[i].iov_len);
             staged += iov[i].iov_len;
