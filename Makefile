@@ -164,8 +164,10 @@ install: lib
 	$(PC_SED) pconn.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
 	$(CMAKE_SED) cmake/pconnConfig.cmake.in > $(DESTDIR)$(CMAKEDIR)/pconnConfig.cmake
 	$(CMAKE_SED) cmake/pconnConfigVersion.cmake.in > $(DESTDIR)$(CMAKEDIR)/pconnConfigVersion.cmake
-	$(if $(MAN1),install -m 644 $(MAN1) $(DESTDIR)$(MANDIR)/man1/)
-	$(if $(MAN3),install -m 644 $(MAN3) $(DESTDIR)$(MANDIR)/man3/)
+	$(Q)for page in $(MAN1) $(MAN3); do \
+	    sed 's/^\.Os libpconn.*/.Os libpconn $(VERSION)/' $$page > \
+	        $(DESTDIR)$(MANDIR)/man$${page##*.}/$$(basename $$page); \
+	done
 	$(Q)for page in $(MAN3); do \
 	    for fn in $$(sed -n 's/^\.Nm \([a-z_]*\).*/\1/p' $$page | sort -u); do \
 	        [ -e man/$$fn.3 ] || echo ".so man3/$$(basename $$page)" > $(DESTDIR)$(MANDIR)/man3/$$fn.3; \

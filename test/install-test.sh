@@ -122,6 +122,7 @@ for page in "$man"/man1/*.1 "$man"/man3/*.3; do
     MANWIDTH=80 man -l "$page" 2>/dev/null | grep -q . || fail "man -l shows nothing for $page"
 done
 [ -f "$man/man1/pconn.1" ] && [ -f "$man/man3/libpconn.3" ] || fail "pconn(1) or libpconn(3) missing"
+grep -q "^\.Os libpconn $version\$" "$man/man3/libpconn.3" || fail "libpconn(3) does not say $version"
 missing=""
 for fn in $(echo "$syms" | awk '$2 ~ /^pconn_/ {print $2}'); do
     [ -f "$man/man3/$fn.3" ] || missing="$missing $fn"
@@ -129,7 +130,28 @@ done
 [ -z "$missing" ] || fail "exported functions without a man page:$missing"
 ok
 
-# 7. Uninstall leaves no file behind.
+# 7. The pages' SYNOPSIS agree with the headers: each prototype, compiled after the
+# headers, must not conflict; the pages name exactly the exported functions, each in its
+# page's SYNOPSIS.
+pages=$(grep -L '^\.so ' "$man"/man3/*.3)
+for page in $pages; do
+    awk '/^\.Sh/ { syn = ($2 == "SYNOPSIS"); next }
+         !syn { next }
+         /^\.In / { print "#include <" $2 ">"; next }
+         /^\.Ft / { t = substr($0, 5); next }
+         /^\.Fn / { a = $0; sub(/^\.Fn [a-z_0-9]+ */, "", a); gsub(/^"|"$/, "", a)
+                    gsub(/" "/, ", ", a); print t " " $2 "(" a ");"; t = "" }' "$page"
+done > "$tmp/synopsis.c"
+cc -std=c11 -Wall -Werror -fsyntax-only -I"$root/include" "$tmp/synopsis.c" 2>"$tmp/synopsis.log" ||
+    { cat "$tmp/synopsis.log"; fail "a man page's SYNOPSIS disagrees with the headers"; }
+named=$(sed -n 's/^\.Nm \(pconn_[a-z_0-9]*\).*/\1/p' $pages | sort)
+in_synopsis=$(sed -n 's/.*[ *]\(pconn_[a-z_0-9]*\)(.*/\1/p' "$tmp/synopsis.c" | sort)
+exported=$(echo "$syms" | awk '$2 ~ /^pconn_/ {print $2}' | sort)
+[ "$named" = "$exported" ] || fail "pages name other functions than exported: $(echo "$named" "$exported" | tr ' ' '\n' | sort | uniq -u | tr '\n' ' ')"
+[ "$named" = "$in_synopsis" ] || fail "NAME and SYNOPSIS differ: $(echo "$named" "$in_synopsis" | tr ' ' '\n' | sort | uniq -u | tr '\n' ' ')"
+ok
+
+# 8. Uninstall leaves no file behind.
 make -s uninstall PREFIX=$prefix DESTDIR="$tmp" >/dev/null
 left=$(find "$tmp$prefix" -type f)
 [ -z "$left" ] || fail "left after uninstall: $left"
