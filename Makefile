@@ -94,8 +94,8 @@ CMAKE_SED = sed -e 's|@VERSION@|$(VERSION)|g' -e 's|@MAJOR@|$(MAJOR)|g' -e 's|@M
 
 # Man pages (mdoc): each section-3 page also answers to every function it names in .Nm,
 # through a one-line ".so" page installed under that name.
-MAN1 := $(wildcard man/*.1)
-MAN3 := $(wildcard man/*.3)
+MAN1 := $(wildcard docs/man/*.1)
+MAN3 := $(wildcard docs/man/*.3)
 
 $(B)/pconn.pc: pconn.pc.in include/pconn.h
 	$(Q)$(PC_SED) $< > $@
@@ -170,7 +170,7 @@ install: lib
 	done
 	$(Q)for page in $(MAN3); do \
 	    for fn in $$(sed -n 's/^\.Nm \([a-z_]*\).*/\1/p' $$page | sort -u); do \
-	        [ -e man/$$fn.3 ] || echo ".so man3/$$(basename $$page)" > $(DESTDIR)$(MANDIR)/man3/$$fn.3; \
+	        [ -e docs/man/$$fn.3 ] || echo ".so man3/$$(basename $$page)" > $(DESTDIR)$(MANDIR)/man3/$$fn.3; \
 	    done; \
 	done
 
