@@ -46,6 +46,7 @@ C
 export PKG_CONFIG_PATH="$root/lib/pkgconfig"
 # pkg-config prints the prefix the .pc names; point it into the scratch DESTDIR.
 export PKG_CONFIG_SYSROOT_DIR="$tmp"
+pkg-config --validate pconn || fail "pconn.pc does not validate"
 version=$(pkg-config --modversion pconn)
 
 # 1. Shared, with pkg-config.
@@ -127,7 +128,7 @@ missing=""
 for fn in $(echo "$syms" | awk '$2 ~ /^pconn_/ {print $2}'); do
     [ -f "$man/man3/$fn.3" ] || missing="$missing $fn"
 done
-[ -z "$missing" ] || fail "exported functions without a man page:$missing"
+[ -z "$missing" ] || fail "exported functions without a man page (add each to NAME and SYNOPSIS of its area's page in docs/man):$missing"
 ok
 
 # 7. The pages' SYNOPSIS agree with the headers: each prototype, compiled after the
@@ -151,7 +152,32 @@ exported=$(echo "$syms" | awk '$2 ~ /^pconn_/ {print $2}' | sort)
 [ "$named" = "$in_synopsis" ] || fail "NAME and SYNOPSIS differ: $(echo "$named" "$in_synopsis" | tr ' ' '\n' | sort | uniq -u | tr '\n' ' ')"
 ok
 
-# 8. Uninstall leaves no file behind.
+# 8. pconn(1) and the installed tool agree: each subcommand of the SYNOPSIS answers
+# --help with exit 0 on stdout and names each option the page gives it. (Until make
+# install installs the tool, there is nothing to compare.)
+if [ -x "$root/bin/pconn" ]; then
+    awk '/^\.Sh/ { syn = ($2 == "SYNOPSIS"); next }
+         !syn { next }
+         /^\.Nm/ { if (line != "") print line; line = "-" }
+         /^\.Cm / { line = $2 }
+         /Fl Fl / { for (i = 1; i < NF; i++) if ($i == "Fl" && $(i + 1) == "Fl") line = line " --" $(i + 2) }
+         END { if (line != "") print line }' "$man/man1/pconn.1" > "$tmp/commands"
+    [ -s "$tmp/commands" ] || fail "pconn(1): no SYNOPSIS"
+    while read -r cmd opts; do
+        if [ "$cmd" = "-" ]; then
+            "$root/bin/pconn" --help >/dev/null || fail "pconn --help: exit status not 0"
+            "$root/bin/pconn" --version | grep -q "$version" || fail "pconn --version: not $version"
+            continue
+        fi
+        out=$("$root/bin/pconn" $cmd --help) || fail "pconn $cmd --help: exit status not 0"
+        for o in $opts; do
+            echo "$out" | grep -q -- "$o" || fail "pconn $cmd --help does not name $o, which pconn(1) gives it"
+        done
+    done < "$tmp/commands"
+    ok
+fi
+
+# 9. Uninstall leaves no file behind.
 make -s uninstall PREFIX=$prefix DESTDIR="$tmp" >/dev/null
 left=$(find "$tmp$prefix" -type f)
 [ -z "$left" ] || fail "left after uninstall: $left"
