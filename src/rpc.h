@@ -78,6 +78,9 @@ typedef struct rpc_config_t {
     size_t max;
     int64_t hb_timeout_ms, hb_every_ms;
     const pconn_transport_t *transport; /* NULL: plain */
+    bool server;                        /* the accepting side */
+    int (*authorize)(const pconn_rpc_peer_t *, void *, pconn_error_t *); /* server: or NULL */
+    void *authorize_arg;
 } rpc_config_t;
 
 /* Fills defaults into a configuration from user options (zeros mean defaults). */

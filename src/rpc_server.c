@@ -251,7 +251,11 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     pthread_mutex_init(&srv->mutex, NULL);
     pthread_cond_init(&srv->cond, NULL);
     srv->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
-    pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat, NULL);
+    pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
+                      opts->transport);
+    srv->cfg.server = true;
+    srv->cfg.authorize = opts->authorize;
+    srv->cfg.authorize_arg = opts->authorize_arg;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL
