@@ -20,6 +20,7 @@
 #include "pconn_tcp.h"
 
 #include <poll.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,15 +207,39 @@ static int watch(int argc, char **argv)
     pconn_http_catalog_options_t cat = {0};
     int i = 0;
     if (i + 1 < argc && strcmp(argv[i], "--every") == 0) {
-        every_ms = atoll(argv[i + 1]);
+        /* At least the library's retry floor: 0 would spin at ~46,000 attempts/s. */
+        char *end;
+        errno = 0;
+        long long ms = strtoll(argv[i + 1], &end, 10);
+        if (errno != 0 || end == argv[i + 1] || *end != '\0' || ms < PCONN_RETRY_FLOOR_MS ||
+            ms > 86400000) {
+            fprintf(stderr, "pconn watch: --every %s: not a number of milliseconds from %d to 86400000\n",
+                    argv[i + 1], PCONN_RETRY_FLOOR_MS);
+            return 2;
+        }
+        every_ms = ms;
         i += 2;
     }
     if (i >= argc)
         return usage();
+    pconn_error_t err;
     if (strcmp(argv[i], "--file") == 0 && i + 1 < argc) {
         r = pconn_resolver_file(argv[i + 1]);
     } else if (strcmp(argv[i], "--dns") == 0 && i + 2 < argc) {
-        r = pconn_resolver_dns(argv[i + 1], (uint16_t)atoi(argv[i + 2]));
+        char *end;
+        long port = strtol(argv[i + 2], &end, 10);
+        if (end == argv[i + 2] || *end != '\0' || port < 1 || port > 65535) {
+            fprintf(stderr, "pconn watch: --dns port %s: not a port from 1 to 65535\n", argv[i + 2]);
+            return 2;
+        }
+        r = pconn_resolver_dns(argv[i + 1], (uint16_t)port);
+    } else if (argv[i][0] != '-' &&
+               pconn_resolver_static_checked((const char *const *)argv + i, (size_t)(argc - i), &r,
+                                             &err) != PCONN_OK) {
+        fprintf(stderr, "pconn watch: %s\n", err.message);
+        return 2;
+    } else if (r != NULL) {
+        /* a checked static list */
     } else if (strcmp(argv[i], "--catalog") == 0 && i + 1 < argc) {
         cat.url = argv[i + 1];
         for (int k = i + 2; k + 1 < argc; k += 2) {
@@ -230,8 +255,6 @@ static int watch(int argc, char **argv)
                                                                   : PCONN_CATALOG_JSON;
         }
         r = pconn_resolver_http_catalog(&cat);
-    } else {
-        r = pconn_resolver_static((const char *const *)argv + i, (size_t)(argc - i));
     }
     if (r == NULL) {
         fprintf(stderr, "pconn watch: bad resolver arguments\n");

@@ -1,6 +1,7 @@
 /* rpc_conn.c - an RPC connection: handshake, a reader thread that also keeps the
  * heartbeats, calls multiplexed by id, queries handed to the handler pool.
- * c->lock is held only briefly, never while writing or calling out. */
+ * c->lock is held only briefly, never while writing or calling out; c->wlock only by a
+ * writer, never together with c->lock. */
 #include "rpc.h"
 
 #include <errno.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define READ_BUF 65536
@@ -39,9 +41,8 @@ typedef struct rpc_conn_t {
     void *session;      /* the transport's, or NULL */
     pconn_rpc_peer_t peer; /* address: ours; subject and sans: the session's */
 
-    pthread_mutex_t lock;  /* pending, next_id, failure, writing */
-    pthread_cond_t wcond;  /* writing went false */
-    bool writing;          /* one writer at a time: writer_enter() */
+    pthread_mutex_t lock;  /* pending, next_id, failure */
+    pthread_mutex_t wlock; /* one writer at a time: writer_enter() */
     pending_t *pending;
     uint64_t next_id;
     bool failed;
@@ -135,26 +136,39 @@ static int64_t after_ms(int64_t base_ns, int64_t ms)
 enum { WF_OK = 0, WF_ERROR = -1, WF_TIMEOUT = -2, WF_TIMEOUT_MIDFRAME = -3 };
 
 /* The right to write, one thread at a time, taken before deadline_ns (0: only if free
- * now): a writer waiting behind a stuck one gives up in time (issue 9, defect 3). */
+ * now; INT64_MAX: no limit): a writer waiting behind a stuck one gives up in time
+ * (issue 9, defect 3). A mutex, as the hand-over between writers is the hot path. */
 static bool writer_enter(rpc_conn_t *c, int64_t deadline_ns)
 {
-    bool ok = true;
-    pconn__mutex_lock(&c->lock);
-    while (c->writing && ok)
-        ok = deadline_ns != 0 &&
-             (pconn__cond_wait_until(&c->wcond, &c->lock, deadline_ns) == 0 || !c->writing);
-    if (ok)
-        c->writing = true;
-    pconn__mutex_unlock(&c->lock);
-    return ok;
+    if (deadline_ns == 0)
+        return pthread_mutex_trylock(&c->wlock) == 0;
+    if (deadline_ns == INT64_MAX) {
+        pconn__mutex_lock(&c->wlock);
+        return true;
+    }
+    /* pthread_mutex_timedlock() counts on CLOCK_REALTIME (ThreadSanitizer knows no
+     * pthread_mutex_clocklock()): waits of at most 50 ms each, measured afresh against
+     * the monotonic deadline, so a clock step moves the bound by one slice at most. */
+    for (;;) {
+        int64_t left = deadline_ns - pconn__mono_ns();
+        if (left <= 0)
+            return pthread_mutex_trylock(&c->wlock) == 0;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        int64_t at = (int64_t)ts.tv_nsec + (left < 50000000 ? left : 50000000);
+        ts.tv_sec += at / 1000000000;
+        ts.tv_nsec = at % 1000000000;
+        int rc = pthread_mutex_timedlock(&c->wlock, &ts);
+        if (rc == 0)
+            return true;
+        if (rc != ETIMEDOUT && rc != EINTR)
+            abort(); /* a library bug, as pconn__mutex_lock() */
+    }
 }
 
 static void writer_leave(rpc_conn_t *c)
 {
-    pconn__mutex_lock(&c->lock);
-    c->writing = false;
-    pthread_cond_signal(&c->wcond);
-    pconn__mutex_unlock(&c->lock);
+    pconn__mutex_unlock(&c->wlock);
 }
 
 /* Plain TCP: every frame in as few sendmsg() calls as the kernel takes, never blocking
@@ -233,6 +247,8 @@ static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, in
     size_t staged = 0, sent = 0;
     int rc = WF_OK;
     for (int i = 0; i < iovcnt && rc == WF_OK; i++) {
+        if (iov[i].iov_len == 0)
+            continue; /* no data: its base may be NULL */
         if (iov[i].iov_len <= sizeof stage - staged) {
             memcpy(stage + staged, iov[i].iov_base, iov[i].iov_len);
             staged += iov[i].iov_len;
@@ -803,7 +819,7 @@ static void rpc_destroy(void *impl)
     if (c->session != NULL)
         c->cfg.transport->close(c->session);
     close(c->fd);
-    pthread_cond_destroy(&c->wcond);
+    pthread_mutex_destroy(&c->wlock);
     pthread_mutex_destroy(&c->lock);
     free(c->rbuf);
     free(c);
@@ -882,7 +898,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
     atomic_init(&c->reader_done, false);
-    pconn__cond_init(&c->wcond);
+    pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->reader_cond, NULL);
     c->conn = pconn_conn_new(&rpc_ops, c);

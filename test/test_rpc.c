@@ -1286,37 +1286,62 @@ static void test_query_flood_then_stop(void)
     free(q);
 }
 
-typedef struct flooder_t {
+/* A raw RPC peer on its own thread: accepts one connection, exchanges HELLOs, then does
+ * what `then` says with the socket until told to stop. */
+typedef struct raw_peer_t {
     int lfd;
+    char address[64];
     pthread_t thread;
-    atomic_bool sent;
-} flooder_t;
+    atomic_bool stop;
+    void (*then)(struct raw_peer_t *p, int fd);
+} raw_peer_t;
 
-/* A raw RPC server: answers the HELLO, then sends 20,000 queries and reads nothing. */
-static void *flooder_main(void *arg)
+static void *raw_peer_main(void *arg)
 {
-    flooder_t *f = arg;
-    int fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+    raw_peer_t *p = arg;
+    int fd = accept4(p->lfd, NULL, NULL, SOCK_CLOEXEC);
     unsigned char hello[16];
     if (fd >= 0 && recv(fd, hello, sizeof hello, MSG_WAITALL) == (ssize_t)sizeof hello &&
-        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) == (ssize_t)sizeof good_hello) {
-        size_t len;
-        unsigned char *q = queries(20000, &len);
-        for (size_t off = 0; off < len;) {
-            ssize_t n = send(fd, q + off, len - off, MSG_NOSIGNAL);
-            if (n <= 0)
-                break;
-            off += (size_t)n;
-        }
-        free(q);
-    }
-    atomic_store(&f->sent, true);
-    char sink[4096];
-    while (fd >= 0 && recv(fd, sink, sizeof sink, 0) > 0)
-        ;
+        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) == (ssize_t)sizeof good_hello)
+        p->then(p, fd);
     if (fd >= 0)
         close(fd);
     return NULL;
+}
+
+static void raw_peer_start(raw_peer_t *p, void (*then)(raw_peer_t *, int))
+{
+    pconn_error_t err;
+    *p = (raw_peer_t){.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err), .then = then};
+    CU_ASSERT_FATAL(p->lfd >= 0);
+    pconn_tcp_local_address(p->lfd, p->address, sizeof p->address);
+    pthread_create(&p->thread, NULL, raw_peer_main, p);
+}
+
+static void raw_peer_stop(raw_peer_t *p)
+{
+    atomic_store(&p->stop, true);
+    shutdown(p->lfd, SHUT_RDWR); /* ends an accept() still waiting */
+    pthread_join(p->thread, NULL);
+    close(p->lfd);
+}
+
+/* 20,000 queries, then nothing read but the end of the stream. */
+static void flood(raw_peer_t *p, int fd)
+{
+    (void)p;
+    size_t len;
+    unsigned char *q = queries(20000, &len);
+    for (size_t off = 0; off < len;) {
+        ssize_t n = send(fd, q + off, len - off, MSG_NOSIGNAL);
+        if (n <= 0)
+            break;
+        off += (size_t)n;
+    }
+    free(q);
+    char sink[4096];
+    while (recv(fd, sink, sizeof sink, 0) > 0)
+        ;
 }
 
 /* Defect 2: a client whose connection the caller still holds after pconn_free(), and
@@ -1324,17 +1349,13 @@ static void *flooder_main(void *arg)
  * went on submitting queries to the freed handler pool and table. */
 static void test_held_connection_outlives_client(void)
 {
-    pconn_error_t err;
-    flooder_t f = {.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err)};
-    CU_ASSERT_FATAL(f.lfd >= 0);
-    char address[64];
-    pconn_tcp_local_address(f.lfd, address, sizeof address);
-    pthread_create(&f.thread, NULL, flooder_main, &f);
+    raw_peer_t f;
+    raw_peer_start(&f, flood);
     pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_OK);
     recorder_t rec;
     rec_init(&rec);
-    const char *list[] = {address};
+    const char *list[] = {f.address};
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     o.implementations = impls;
     pconn_t *pc = NULL;
@@ -1346,9 +1367,7 @@ static void test_held_connection_outlives_client(void)
     pconn_buf_t resp;
     CU_ASSERT_NOT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, NULL), PCONN_OK);
     pconn_conn_unref(conn);
-    shutdown(f.lfd, SHUT_RDWR);
-    pthread_join(f.thread, NULL);
-    close(f.lfd);
+    raw_peer_stop(&f);
     rec_destroy(&rec);
 }
 
@@ -1551,34 +1570,14 @@ static void test_emfile_does_not_spin(void)
 
 /* ---- sending under a deadline (issue 9, defects 3 and 11) ------------------------- */
 
-typedef struct deaf_t {
-    int lfd;
-    pthread_t thread;
-    atomic_bool stop;
-} deaf_t;
-
-/* A raw RPC peer that answers the HELLO, then sends a heartbeat every 20 ms and reads
- * nothing ever again: alive, but deaf. */
-static void *deaf_main(void *arg)
+/* A heartbeat every 20 ms and nothing read ever again: alive, but deaf. */
+static void deaf(raw_peer_t *p, int fd)
 {
-    deaf_t *d = arg;
-    int fd = accept4(d->lfd, NULL, NULL, SOCK_CLOEXEC);
-    unsigned char hello[16];
-    if (fd < 0 || recv(fd, hello, sizeof hello, MSG_WAITALL) != (ssize_t)sizeof hello ||
-        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) != (ssize_t)sizeof good_hello) {
-        if (fd >= 0)
-            close(fd);
-        return NULL;
-    }
     static const unsigned char hb[9] = {0, 0, 0, 0, 0, 0, 0, 1, 2};
-    while (!atomic_load(&d->stop)) {
-        if (send(fd, hb, sizeof hb, MSG_NOSIGNAL) != (ssize_t)sizeof hb)
-            break;
+    while (!atomic_load(&p->stop) && send(fd, hb, sizeof hb, MSG_NOSIGNAL) == (ssize_t)sizeof hb) {
         struct timespec ts = {0, 20000000};
         nanosleep(&ts, NULL); /* the heartbeat's period */
     }
-    close(fd);
-    return NULL;
 }
 
 /* Defect 3: a call's timeout covers sending. To a peer that keeps its heartbeats coming
@@ -1588,11 +1587,9 @@ static void *deaf_main(void *arg)
 static void test_call_timeout_covers_sending(void)
 {
     pconn_error_t err;
-    deaf_t d = {.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err)};
-    CU_ASSERT_FATAL(d.lfd >= 0);
-    char address[64];
-    pconn_tcp_local_address(d.lfd, address, sizeof address);
-    pthread_create(&d.thread, NULL, deaf_main, &d);
+    raw_peer_t d;
+    raw_peer_start(&d, deaf);
+    const char *address = d.address;
     recorder_t rec;
     rec_init(&rec);
     const char *list[] = {address};
@@ -1615,9 +1612,7 @@ static void test_call_timeout_covers_sending(void)
     free(req);
     pconn_conn_unref(conn);
     pconn_free(pc);
-    atomic_store(&d.stop, true);
-    pthread_join(d.thread, NULL);
-    close(d.lfd);
+    raw_peer_stop(&d);
     rec_destroy(&rec);
 }
 

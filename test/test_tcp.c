@@ -849,6 +849,35 @@ static void test_static_addresses_checked(void)
     pconn_free(pc);
 }
 
+/* The tool refuses bad values with the argument named and exit status 2, instead of
+ * spinning (--every 0 made ~46,000 attempts/s) or connecting elsewhere (--dns h 70000
+ * connected to port 4464). Issue 10, item 9. */
+static void test_tool_refuses_bad_values(void)
+{
+    static const struct {
+        const char *args, *message;
+    } cases[] = {
+        {"--every abc 127.0.0.1:1", "pconn watch: --every abc: not a number of milliseconds from 10 to 86400000"},
+        {"--every 0 127.0.0.1:1", "pconn watch: --every 0: not a number of milliseconds from 10 to 86400000"},
+        {"--every 9 127.0.0.1:1", "pconn watch: --every 9: not a number of milliseconds from 10 to 86400000"},
+        {"--dns localhost 70000", "pconn watch: --dns port 70000: not a port from 1 to 65535"},
+        {"127.0.0.1:1 db:70000", "pconn watch: address db:70000: port 70000 outside 1-65535"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char cmd[512];
+        snprintf(cmd, sizeof cmd, "%s/samples/pconn watch %s 2>&1", test_build_dir(), cases[i].args);
+        FILE *p = popen(cmd, "r");
+        CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+        char out[256] = {0};
+        size_t n = fread(out, 1, sizeof out - 1, p);
+        int status = pclose(p);
+        CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 2);
+        if (n > 0 && out[n - 1] == '\n')
+            out[n - 1] = '\0';
+        CU_ASSERT_STRING_EQUAL(out, cases[i].message);
+    }
+}
+
 static const test_def_t tests[] = {
     {"line_client_sample", test_line_client_sample},
     {"connect_and_echo", test_connect_and_echo},
@@ -873,6 +902,7 @@ static const test_def_t tests[] = {
     {"local_address_unnamed", test_local_address_unnamed},
     {"listen_errors", test_listen_errors},
     {"static_addresses_checked", test_static_addresses_checked},
+    {"tool_refuses_bad_values", test_tool_refuses_bad_values},
     {"fork_child_inherits_dead_handle", test_fork_child_inherits_dead_handle},
     {NULL, NULL},
 };
