@@ -4,7 +4,7 @@
 #   make demo            install missing packages, build, show failover live
 #   make bench           benchmarks (not part of check)
 #   make fuzz            libFuzzer targets (clang)
-#   make install         PREFIX=/usr/local DESTDIR= (library, headers, pkg-config, CMake, man pages)
+#   make install         PREFIX=/usr/local DESTDIR= (the tool, library, headers, pkg-config, CMake, man pages)
 #   make abi-check       abidiff of the shared library against the last release tag
 #   SANITIZE=address|thread builds everything instrumented, in its own build directory.
 
@@ -13,6 +13,7 @@ MAJOR   := $(shell sed -n 's/^\#define PCONN_VERSION_MAJOR //p' include/pconn.h)
 SONAME  := libpconn.so.$(MAJOR)
 
 PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
 LIBDIR     ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 MANDIR     ?= $(PREFIX)/share/man
@@ -154,9 +155,10 @@ fuzz: deps
 fuzz-build:
 	@$(MAKE) --no-print-directory -f test/fuzz/fuzz.mk fuzz-build
 
-install: lib
+install: lib $(B)/samples/pconn
 	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(CMAKEDIR) \
-	    $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3
+	    $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(BINDIR)
+	install -m 755 $(B)/samples/pconn $(DESTDIR)$(BINDIR)/pconn
 	install -m 644 $(HEADERS) $(DESTDIR)$(INCLUDEDIR)/
 	install -m 644 $(B)/libpconn.a $(DESTDIR)$(LIBDIR)/
 	install -m 755 $(B)/$(SONAME) $(DESTDIR)$(LIBDIR)/
@@ -175,6 +177,7 @@ install: lib
 	done
 
 uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/pconn
 	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/,$(notdir $(HEADERS)))
 	rm -f $(DESTDIR)$(LIBDIR)/libpconn.a $(DESTDIR)$(LIBDIR)/libpconn.so $(DESTDIR)$(LIBDIR)/$(SONAME)
 	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
