@@ -202,6 +202,11 @@ typedef struct pconn_rpc_server_options_t {
      * fails with "refused by the peer: not authorized: " and why->message. */
     int (*authorize)(const pconn_rpc_peer_t *peer, void *arg, pconn_error_t *why);
     void *authorize_arg;
+    /* Optional: what the server would otherwise keep to itself — a peer whose
+     * handshake failed or that was refused (WARNING), a connection closed for breaking
+     * the protocol or going silent (WARNING), out of descriptors (ERROR). */
+    pconn_log_fn on_log;
+    void *on_log_arg;
 } pconn_rpc_server_options_t;
 
 /* Listens and serves: each connection is handshaken, kept alive by heartbeats, and its
@@ -209,6 +214,11 @@ typedef struct pconn_rpc_server_options_t {
  * (may be NULL) filled: PCONN_EINVAL (bad options) or PCONN_EIO (cannot listen). */
 int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_server_t **out,
                            pconn_error_t *err);
+
+/* The server's counters as one JSON object (see pconn_stats_json() for "rpc"):
+ * {"address", "connections", "handshakes", "handlers_busy", "rpc": {...}}. malloc'd,
+ * free() it; NULL for NULL or out of memory. Any thread. */
+char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv);
 
 /* The bound address, e.g. "127.0.0.1:40123"; lives as long as srv. */
 const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);

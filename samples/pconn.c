@@ -420,17 +420,19 @@ static int cmd_watch(int argc, char **argv)
     int sig;
     sigwait(&stop, &sig);
     int64_t end = pconn_clock_now(NULL);
+    char *stats = a.json && sig != SIGUSR1 ? pconn_stats_json(pc) : NULL;
     pconn_free(pc); /* the last DISCONNECTED comes out before this returns */
     if (sig != SIGUSR1) { /* interrupted: the summary */
         int64_t span = w.first_ns != 0 ? end - w.first_ns : 0;
         double up = (double)w.connected_ns / 1e9;
-        if (a.json)
-            printf("{\"summary\":{\"seconds\":%.3f,\"connected_seconds\":%.3f,\"cycles\":%lld,\"failures\":%lld}}\n",
-                   (double)span / 1e9, up, w.attempts, w.failures);
+        if (a.json) /* with the pconn's counters as pconn_stats_json() gives them */
+            printf("{\"summary\":{\"seconds\":%.3f,\"connected_seconds\":%.3f,\"cycles\":%lld,\"failures\":%lld},\"stats\":%s}\n",
+                   (double)span / 1e9, up, w.attempts, w.failures, stats != NULL ? stats : "null");
         else
             printf("summary: connected %.3f s of %.3f s, %lld cycles, %lld failures\n", up,
                    (double)span / 1e9, w.attempts, w.failures);
     }
+    free(stats);
     return 0;
 }
 

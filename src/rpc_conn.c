@@ -94,6 +94,21 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->server = false;
     cfg->authorize = NULL;
     cfg->authorize_arg = NULL;
+    cfg->stats = NULL;
+    cfg->on_log = NULL;
+    cfg->on_log_arg = NULL;
+}
+
+void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
+{
+    if (cfg->on_log == NULL)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    cfg->on_log(level, line, cfg->on_log_arg);
 }
 
 /* The poll() events the transport's last call of that direction waits for. */
@@ -360,12 +375,18 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
     vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, ap);
     va_end(ap);
     pconn__mutex_lock(&c->lock);
-    if (!c->failed) {
+    bool first = !c->failed;
+    if (first) {
         c->failed = true;
         c->fail_code = code;
         snprintf(c->fail_msg, sizeof c->fail_msg, "%s", msg);
     }
     pconn__mutex_unlock(&c->lock);
+    /* A peer that hangs up is ordinary; one that breaks the protocol or goes silent is
+     * worth a line in the server's log. */
+    if (first && c->cfg.server && strstr(msg, "connection closed by peer") == NULL &&
+        strstr(msg, "closed by peer:") == NULL)
+        pconn__rpc_log(&c->cfg, PCONN_LOG_WARNING, "%s", msg);
     pconn_conn_close(c->conn);
     fail_calls(c, code, msg);
 }
@@ -595,6 +616,8 @@ static void run_query(void *arg)
                          j->m.name, j->m.version);
         send_response(c, j->m.id, PCONN_EUNIMPLEMENTED, msg, (size_t)n);
     } else {
+        if (c->cfg.stats != NULL)
+            atomic_fetch_add(&c->cfg.stats->served, 1);
         tl_handler_conn = c->conn;
         tl_handler_peer = &c->peer;
         int rc = fn(harg, j->m.data, j->m.data_len, &resp, &err);
@@ -816,6 +839,7 @@ static void rpc_destroy(void *impl)
     pthread_cond_destroy(&c->reader_cond);
     pconn__rpc_pool_unref(c->cfg.pool);
     pconn_rpc_impls_free(c->cfg.impls); /* the connection's reference */
+    pconn__rpc_stats_unref(c->cfg.stats);
     if (c->session != NULL)
         c->cfg.transport->close(c->session);
     close(c->fd);
@@ -892,8 +916,9 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     c->fd = fd;
     c->rbuf = rbuf;
     c->cfg = *cfg;
-    pconn__rpc_pool_ref(c->cfg.pool);   /* both live as long as the connection: its */
+    pconn__rpc_pool_ref(c->cfg.pool);   /* all live as long as the connection: its */
     pconn__rpc_impls_ref(c->cfg.impls); /* reader and jobs use them (issue 9, defect 2) */
+    pconn__rpc_stats_ref(c->cfg.stats);
     c->on_reader_exit = on_reader_exit;
     c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
@@ -1024,6 +1049,10 @@ static int check_call(const rpc_conn_t *c, pconn_rpc_call_t *call)
     return PCONN_OK;
 }
 
+static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                           int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
+                           int64_t deadline);
+
 /* Sends every valid call of calls[0..n) in one write where they fit, then waits for all
  * their answers until the shared deadline. ps and heads have room for n. */
 static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
@@ -1069,6 +1098,42 @@ static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls
     }
     pconn__mutex_unlock(&c->lock);
 
+    rpc_stats_t *st = c->cfg.stats;
+    int64_t t0 = pconn__mono_ns();
+    if (st != NULL) {
+        size_t out = 0;
+        for (int k = 0; k < iovcnt; k++)
+            out += iov[k].iov_len;
+        atomic_fetch_add(&st->calls, live);
+        atomic_fetch_add(&st->in_flight, live);
+        atomic_fetch_add(&st->bytes_out, out);
+    }
+    run_calls_wait(c, conn, calls, n, timeout_ms, ps, iov, iovcnt, deadline);
+    if (st != NULL) {
+        int64_t us = (pconn__mono_ns() - t0) / 1000;
+        int bucket = 0;
+        while (bucket < RPC_LAT_BUCKETS - 1 && ((int64_t)1 << bucket) <= us)
+            bucket++;
+        atomic_fetch_sub(&st->in_flight, live);
+        for (size_t i = 0; i < n; i++) {
+            if (ps[i].id == 0)
+                continue;
+            if (calls[i].status == PCONN_OK) {
+                atomic_fetch_add(&st->answered, 1);
+                atomic_fetch_add(&st->latency[bucket], 1);
+                atomic_fetch_add(&st->bytes_in, calls[i].resp.len);
+            } else if (calls[i].status > 0 && calls[i].status < 16) {
+                atomic_fetch_add(&st->errors[calls[i].status], 1);
+            }
+        }
+    }
+}
+
+/* The sending and waiting half of run_calls(). */
+static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                           int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
+                           int64_t deadline)
+{
     int wrc = write_frames(c, iov, iovcnt, deadline);
     if (wrc == WF_TIMEOUT || wrc == WF_TIMEOUT_MIDFRAME) {
         /* The calls' timeout covers sending (issue 9, defect 3). */

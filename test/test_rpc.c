@@ -7,6 +7,7 @@
 #include "pconn_tcp.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -1696,6 +1697,109 @@ static void test_call_many_outcomes(void)
     teardown(&f);
 }
 
+/* ---- observability ---------------------------------------------------------------- */
+
+typedef struct log_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int n;
+    int level[16];
+    char line[16][512];
+} log_t;
+
+static void keep_log(int level, const char *message, void *arg)
+{
+    log_t *l = arg;
+    pthread_mutex_lock(&l->mutex);
+    if (l->n < 16) {
+        l->level[l->n] = level;
+        snprintf(l->line[l->n], sizeof l->line[l->n], "%s", message);
+        l->n++;
+    }
+    pthread_cond_broadcast(&l->cond);
+    pthread_mutex_unlock(&l->mutex);
+}
+
+static json_int_t jint(json_t *o, const char *path1, const char *path2)
+{
+    json_t *v = json_object_get(o, path1);
+    if (path2 != NULL)
+        v = json_object_get(v, path2);
+    return json_integer_value(v);
+}
+
+/* pconn_stats_json() of an RPC pconn and pconn_rpc_server_stats_json(): counters that
+ * add up, parsed by a JSON parser; the server's log tells of a peer it rejected. */
+static void test_stats_json_and_server_log(void)
+{
+    log_t log = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&log.cond);
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .handshake_timeout_ms = 5000, .on_log = keep_log, .on_log_arg = &log};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "abcd", 4, &resp, WAIT_MS, NULL), PCONN_OK);
+        pconn_buf_free(&resp);
+    }
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "nosuch", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_EUNIMPLEMENTED);
+    char *text = pconn_stats_json(pc);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    json_error_t jerr;
+    json_t *js = json_loads(text, 0, &jerr);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(js);
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(js, "server_name")), "rpc");
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(js, "state")), "connected");
+    CU_ASSERT_EQUAL(jint(js, "connects", NULL), 1);
+    CU_ASSERT_TRUE(json_is_null(json_object_get(js, "last_error")));
+    CU_ASSERT_EQUAL(jint(js, "rpc", "calls"), 4);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "answered"), 3);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "in_flight"), 0);
+    CU_ASSERT_EQUAL(jint(json_object_get(js, "rpc"), "errors", "PCONN_EUNIMPLEMENTED"), 1);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "bytes_in"), 12);
+    json_int_t answers = 0;
+    json_t *lat = json_object_get(json_object_get(js, "rpc"), "latency_us"), *bucket;
+    size_t k;
+    json_array_foreach(lat, k, bucket)
+        answers += json_integer_value(json_array_get(bucket, 1));
+    CU_ASSERT_EQUAL(answers, 3);
+    json_decref(js);
+    free(text);
+
+    text = pconn_rpc_server_stats_json(srv);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    js = json_loads(text, 0, &jerr);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(js);
+    CU_ASSERT_EQUAL(jint(js, "connections", NULL), 1);
+    CU_ASSERT_EQUAL(jint(js, "handlers_busy", NULL), 0);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "served"), 3);
+    json_decref(js);
+    free(text);
+
+    /* A peer that speaks HTTP: rejected, and the log says who and why. */
+    static const unsigned char bad[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 'H', 'T', 'T', 'P', 1, 0, 1};
+    unsigned char in[256];
+    raw_exchange(address, bad, sizeof bad, in, sizeof in);
+    CU_ASSERT_EQUAL(test_wait_count(&log.mutex, &log.cond, &log.n, 1, WAIT_MS), 1);
+    CU_ASSERT_EQUAL(log.level[0], PCONN_LOG_WARNING);
+    CU_ASSERT_PTR_NOT_NULL(strstr(log.line[0], "rejected: rpc "));
+    CU_ASSERT_PTR_NOT_NULL(strstr(log.line[0], "handshake: bad magic number 0x48545450"));
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+    CU_ASSERT_PTR_NULL(pconn_stats_json(NULL));
+    CU_ASSERT_PTR_NULL(pconn_rpc_server_stats_json(NULL));
+}
+
 static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
@@ -1729,6 +1833,7 @@ static const test_def_t tests[] = {
     {"call_timeout_covers_sending", test_call_timeout_covers_sending},
     {"call_many_one_write", test_call_many_one_write},
     {"call_many_outcomes", test_call_many_outcomes},
+    {"stats_json_and_server_log", test_stats_json_and_server_log},
     {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},

@@ -164,6 +164,41 @@ static void test_watch_sigint_summary(void)
     tproc_signal(&s, SIGKILL);
 }
 
+/* With --json the summary is JSON too, with the pconn's counters (pconn_stats_json). */
+static void test_watch_json_summary(void)
+{
+    tproc_t s, w;
+    char address[128], line[2048];
+    server(&s, "serve", address, sizeof address);
+    const char *argv[] = {"pconn", "watch", "--json", address, NULL};
+    CU_ASSERT_EQUAL_FATAL(tproc_spawn(&w, argv), 0);
+    bool connected = false;
+    while (!connected && tproc_read_line(&w, line, sizeof line) == 0)
+        connected = strstr(line, "\"event\":\"connected\"") != NULL;
+    CU_ASSERT_TRUE_FATAL(connected);
+    tproc_signal(&w, SIGINT);
+    json_t *summary = NULL;
+    while (tproc_read_line(&w, line, sizeof line) == 0) {
+        json_error_t jerr;
+        json_t *o = json_loads(line, 0, &jerr);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(o);
+        if (json_object_get(o, "summary") != NULL) {
+            json_decref(summary);
+            summary = o;
+        } else {
+            json_decref(o);
+        }
+    }
+    CU_ASSERT_PTR_NOT_NULL_FATAL(summary);
+    json_t *stats = json_object_get(summary, "stats");
+    CU_ASSERT_EQUAL(json_integer_value(json_object_get(stats, "connects")), 1);
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(stats, "server_name")), address);
+    CU_ASSERT_EQUAL(json_integer_value(json_object_get(json_object_get(summary, "summary"), "cycles")), 1);
+    json_decref(summary);
+    CU_ASSERT_EQUAL(tproc_wait(&w), 0);
+    tproc_signal(&s, SIGKILL);
+}
+
 static void test_call(void)
 {
     tproc_t s;
@@ -208,6 +243,7 @@ static const test_def_t tests[] = {
     {"wait_exit_codes", test_wait_exit_codes},
     {"watch_json_count", test_watch_json_count},
     {"watch_sigint_summary", test_watch_sigint_summary},
+    {"watch_json_summary", test_watch_json_summary},
     {"call", test_call},
     {"cat", test_cat},
     {NULL, NULL},
