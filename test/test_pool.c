@@ -643,6 +643,123 @@ static void test_option_ranges(void)
     penv_destroy(&e);
 }
 
+/* ---- the TCP connector's on_connect hook ----------------------------------------- */
+
+typedef struct hook_t {
+    atomic_int calls, freed;
+    const char *fail;      /* non-NULL: fail with this message after the greeting */
+    int last_errno;        /* errno of a failed read in the hook */
+} hook_t;
+
+typedef struct session_t {
+    int id;
+    char greeting[8];
+} session_t;
+
+/* Says HELLO and reads the echo back, as a client library's handshake would. */
+static int hook_on_connect(void *arg, int fd, const char *address, void **session,
+                           pconn_error_t *err)
+{
+    hook_t *h = arg;
+    int id = atomic_fetch_add(&h->calls, 1);
+    session_t *se = calloc(1, sizeof *se);
+    se->id = id;
+    *session = se; /* freed by session_free also when we fail */
+    if (send(fd, "HELLO", 5, MSG_NOSIGNAL) != 5 || recv(fd, se->greeting, 5, MSG_WAITALL) != 5) {
+        h->last_errno = errno;
+        pconn_error_set(err, PCONN_EHANDSHAKE, errno, "greeting %s", address);
+        return PCONN_EHANDSHAKE;
+    }
+    if (h->fail != NULL) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "%s", h->fail);
+        return PCONN_EHANDSHAKE;
+    }
+    return PCONN_OK;
+}
+
+static void hook_session_free(void *arg, void *session)
+{
+    hook_t *h = arg;
+    atomic_fetch_add(&h->freed, 1);
+    free(session);
+}
+
+static void test_tcp_on_connect_session(void)
+{
+    penv_t e;
+    penv_init(&e);
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_ECHO), 0);
+    hook_t h = {0};
+    pconn_tcp_options_t tcp = {.on_connect = hook_on_connect,
+                               .on_connect_arg = &h,
+                               .session_free = hook_session_free};
+    const char *addr[] = {s.address};
+    pconn_pool_options_t o = pool_opts(&e, "hook", addr, 1, 2);
+    o.base.connect_arg = &tcp;
+    o.min_ready = 2;
+    o.wait_timeout_ms = WAIT_MS;
+    CU_ASSERT_EQUAL_FATAL(pconn_pool_create(&o, &e.pool), PCONN_OK);
+    pconn_conn_t *a = NULL, *b = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_pool_acquire(e.pool, 0, &a), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_pool_acquire(e.pool, 0, &b), PCONN_OK);
+    session_t *sa = pconn_tcp_session(a), *sb = pconn_tcp_session(b);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(sa);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(sb);
+    CU_ASSERT_STRING_EQUAL(sa->greeting, "HELLO");
+    CU_ASSERT_NOT_EQUAL(sa->id, sb->id);
+    /* The fd's timeouts were cleared after the hook: a blocking read really blocks. */
+    struct timeval tv;
+    socklen_t tl = sizeof tv;
+    CU_ASSERT_EQUAL(getsockopt(pconn_tcp_fd(a), SOL_SOCKET, SO_RCVTIMEO, &tv, &tl), 0);
+    CU_ASSERT(tv.tv_sec == 0 && tv.tv_usec == 0);
+    CU_ASSERT_PTR_NULL(pconn_tcp_session(NULL));
+    pconn_pool_release(e.pool, a, 1); /* destroyed: its session freed, a new one made */
+    CU_ASSERT_EQUAL_FATAL(pconn_pool_acquire(e.pool, WAIT_MS, &a), PCONN_OK);
+    CU_ASSERT_EQUAL(atomic_load(&h.freed), 1); /* the slot let go before reconnecting */
+    CU_ASSERT_EQUAL(((session_t *)pconn_tcp_session(a))->id, 2);
+    pconn_pool_release(e.pool, a, 0);
+    pconn_pool_release(e.pool, b, 0);
+    pconn_pool_free(e.pool);
+    e.pool = NULL;
+    CU_ASSERT_EQUAL(atomic_load(&h.calls), 3);
+    CU_ASSERT_EQUAL(atomic_load(&h.freed), 3);
+    penv_destroy(&e);
+    tserver_stop(&s);
+}
+
+/* A failing or silent peer fails the attempt with the hook's error; nothing leaks. */
+static void test_tcp_on_connect_fails(void)
+{
+    int fds0 = count_open_fds();
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_ECHO), 0);
+    hook_t h = {.fail = "AUTH: WRONGPASS invalid password"};
+    pconn_tcp_options_t tcp = {.on_connect = hook_on_connect,
+                               .on_connect_arg = &h,
+                               .session_free = hook_session_free};
+    pconn_conn_t *c = (pconn_conn_t *)&h;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_tcp_connect(&tcp, s.address, &c, &err), PCONN_EHANDSHAKE);
+    CU_ASSERT_PTR_NULL(c);
+    CU_ASSERT_EQUAL(err.code, PCONN_EHANDSHAKE);
+    CU_ASSERT_STRING_EQUAL(err.message, "AUTH: WRONGPASS invalid password");
+    CU_ASSERT_EQUAL(atomic_load(&h.freed), 1);
+    tserver_stop(&s); /* its side of the connection too, so the count below is exact */
+
+    /* A peer that never answers: the hook's read ends at connect_timeout_ms. */
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_HOLD), 0);
+    hook_t h2 = {0};
+    tcp.on_connect_arg = &h2;
+    tcp.connect_timeout_ms = 30;
+    CU_ASSERT_EQUAL(pconn_tcp_connect(&tcp, s.address, &c, &err), PCONN_EHANDSHAKE);
+    CU_ASSERT_PTR_NULL(c);
+    CU_ASSERT(h2.last_errno == EAGAIN || h2.last_errno == EWOULDBLOCK);
+    CU_ASSERT_EQUAL(atomic_load(&h2.freed), 1);
+    tserver_stop(&s);
+    CU_ASSERT_EQUAL(count_open_fds(), fds0);
+}
+
 static const test_def_t tests[] = {
     {"fifo_fairness", test_fifo_fairness},
     {"acquire_timeout", test_acquire_timeout},
@@ -655,6 +772,8 @@ static const test_def_t tests[] = {
     {"close_under_waiters", test_close_under_waiters},
     {"free_under_waiters", test_free_under_waiters},
     {"option_ranges", test_option_ranges},
+    {"tcp_on_connect_session", test_tcp_on_connect_session},
+    {"tcp_on_connect_fails", test_tcp_on_connect_fails},
     {NULL, NULL},
 };
 
