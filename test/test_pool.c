@@ -760,6 +760,34 @@ static void test_tcp_on_connect_fails(void)
     CU_ASSERT_EQUAL(count_open_fds(), fds0);
 }
 
+/* ---- the Redis sample ------------------------------------------------------------- */
+
+/* test/redis_counter.sh: a real redis-server restarted twice under samples/redis_counter.
+ * Skipped, visibly, without redis-server or hiredis. */
+static void test_redis_counter_sample(void)
+{
+    char build[512];
+    snprintf(build, sizeof build, "%s", test_build_dir());
+    const char *argv[] = {"/bin/bash", "test/redis_counter.sh", build, NULL};
+    tproc_t p;
+    CU_ASSERT_EQUAL_FATAL(tproc_spawn(&p, argv), 0);
+    char line[512], last[512] = "";
+    bool acked_after_restarts = false;
+    while (tproc_read_line(&p, line, sizeof line) == 0) {
+        printf("\n    %s", line);
+        if (strstr(line, "wait 500 -> acked") != NULL)
+            acked_after_restarts = strstr(last, "killed (round 2)") != NULL || acked_after_restarts;
+        snprintf(last, sizeof last, "%s", line);
+    }
+    printf("\n");
+    int status = tproc_wait(&p);
+    if (status == 77)
+        return; /* the SKIPPED line above says why */
+    CU_ASSERT_EQUAL(status, 0);
+    CU_ASSERT(acked_after_restarts);
+    CU_ASSERT_STRING_EQUAL(last, "OK");
+}
+
 static const test_def_t tests[] = {
     {"fifo_fairness", test_fifo_fairness},
     {"acquire_timeout", test_acquire_timeout},
@@ -774,6 +802,7 @@ static const test_def_t tests[] = {
     {"option_ranges", test_option_ranges},
     {"tcp_on_connect_session", test_tcp_on_connect_session},
     {"tcp_on_connect_fails", test_tcp_on_connect_fails},
+    {"redis_counter_sample", test_redis_counter_sample},
     {NULL, NULL},
 };
 
