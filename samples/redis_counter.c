@@ -18,6 +18,7 @@
 
 #include <hiredis/hiredis.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,6 +113,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: redis_counter HOST:PORT\n");
         return 2;
     }
+    /* hiredis writes with write(2): a write to a server that just died would raise
+     * SIGPIPE and kill the process instead of failing the command. */
+    signal(SIGPIPE, SIG_IGN);
     static pconn_backoff_t backoff = {20, 500, 2.0};
     pconn_tcp_options_t tcp = {.nodelay = true,
                                .connect_timeout_ms = 2000,

@@ -638,7 +638,15 @@ void pconn_pool_release(pconn_pool_t *pool, pconn_conn_t *conn, int broken)
             close = true;
         }
         s->idle_since_ns = now;
-        unreserve_locked(pool, s, close && !pconn_conn_is_closed(conn));
+        if (close && !pconn_conn_is_closed(conn)) {
+            unreserve_locked(pool, s, true);
+        } else {
+            s->lent = NULL; /* the common case: one lock, the unref after it */
+            dispatch_locked(pool);
+            unlock_out(pool);
+            pconn_conn_unref(conn);
+            return;
+        }
     }
     unlock_out(pool);
 }

@@ -25,6 +25,7 @@ cleanup() {
     rm -rf "$dir"
 }
 trap cleanup EXIT
+trap '' PIPE # a sample that died fails the next write to it, and the read says so
 
 # Starts redis-server on $port in the foreground of a background job; 0 once it answers.
 start_redis() {
@@ -55,7 +56,7 @@ sample_pid=$!
 exec 3>"$dir/in" 4<"$dir/out"
 
 ask() { # sends a line, reads the answer
-    echo "$1" >&3
+    echo "$1" >&3 2>/dev/null
     read -r answer <&4 || { echo "FAILED: the sample ended (events: $(tail -3 "$dir/events"))"; exit 1; }
     echo "  $1 -> $answer"
 }
