@@ -131,9 +131,12 @@ int pconn_pool_create(const pconn_pool_options_t *opts, pconn_pool_t **out);
  * pconn_pool_release(), never with pconn_conn_unref() alone). timeout_ms: PCONN_FOREVER,
  * 0 (take one only if free now), > 0, or PCONN_POOL_WAIT_DEFAULT. Returns PCONN_OK;
  * PCONN_ETIMEDOUT; PCONN_ECLOSED when the pool is closed, or closes while waiting (the
- * waiters wake at once); PCONN_EINVAL for a NULL argument or a timeout below -2. The
- * time spent in health checks counts against the timeout only between checks. Any thread
- * but the pool's slots' callbacks (a slot cannot connect while its own callback waits). */
+ * waiters wake at once); PCONN_EINVAL for a NULL argument or a timeout below -2;
+ * PCONN_ENOMEM when a wait cannot be set up. timeout_ms bounds the waiting; a health
+ * check is user code run outside it, so a slow check can make acquire return later.
+ * A slot holds one connection at a time: one that reconnected while its previous
+ * connection is still held is handed out after that one is released. Any thread but
+ * the pool's own callbacks (a slot cannot connect while its own callback waits). */
 int pconn_pool_acquire(pconn_pool_t *pool, int64_t timeout_ms, pconn_conn_t **out);
 
 /* Hands conn back and drops the caller's reference. broken != 0: the caller saw it fail

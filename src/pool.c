@@ -383,7 +383,8 @@ static int start_slots(pconn_pool_t *pool, const pconn_pool_options_t *opts, pco
     return PCONN_OK;
 }
 
-static int wait_min_ready(pconn_pool_t *pool, unsigned min_ready, pconn_error_t *err)
+static int wait_min_ready(pconn_pool_t *pool, const char *name, unsigned min_ready,
+                          pconn_error_t *err)
 {
     int64_t deadline = pconn__deadline_ns(pool->wait_ms);
     int rc = PCONN_OK;
@@ -393,7 +394,7 @@ static int wait_min_ready(pconn_pool_t *pool, unsigned min_ready, pconn_error_t 
             pool->connected < min_ready) {
             pconn_error_set(err, PCONN_ETIMEDOUT, 0,
                             "pconn_pool %s: %u of min_ready %u slots connected after %lld ms",
-                            pool->slots[0].name, pool->connected, min_ready,
+                            name, pool->connected, min_ready,
                             (long long)pool->wait_ms);
             rc = PCONN_ETIMEDOUT;
             break;
@@ -472,7 +473,7 @@ int pconn_pool_new(const pconn_pool_options_t *opts, pconn_pool_t **out, pconn_e
     }
     rc = start_slots(pool, opts, err);
     if (rc == PCONN_OK && opts->min_ready > 0)
-        rc = wait_min_ready(pool, opts->min_ready, err);
+        rc = wait_min_ready(pool, opts->base.server_name, opts->min_ready, err);
     if (rc != PCONN_OK) {
         pconn_pool_free(pool);
         return rc;

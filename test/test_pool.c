@@ -269,7 +269,7 @@ static void test_min_ready_timeout(void)
     CU_ASSERT_PTR_NULL(pool);
     CU_ASSERT_EQUAL(err.code, PCONN_ETIMEDOUT);
     CU_ASSERT_STRING_EQUAL(err.message,
-                           "pconn_pool refused#0: 0 of min_ready 1 slots connected after 20 ms");
+                           "pconn_pool refused: 0 of min_ready 1 slots connected after 20 ms");
     penv_destroy(&e);
 }
 
