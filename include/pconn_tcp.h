@@ -35,8 +35,10 @@ typedef struct pconn_tcp_options_t {
      * fd in that library's context (hiredis: redisConnectFd(fd)). It runs on the thread
      * that connects (a pconn's worker), on the blocking fd, with SO_RCVTIMEO and
      * SO_SNDTIMEO set to what is left of connect_timeout_ms (cleared afterwards unless the
-     * hook set values of its own), so a peer that does not answer fails it with EAGAIN;
-     * pconn_close() waits for it, at most that long. It may store a session (the other
+     * hook set values of its own), so a read or write that the peer leaves unanswered
+     * fails with EAGAIN. The bound is per system call: a hook that waits several times
+     * should stop when its own deadline passes. pconn_close() does not interrupt it; it
+     * waits for the hook to return. It may store a session (the other
      * library's context) in *session: pconn_tcp_session() hands it out, and session_free
      * frees it when the connection is destroyed. Returns PCONN_OK, or an error code with
      * err filled (err's message should name what failed: "AUTH: WRONGPASS ..."): the
