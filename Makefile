@@ -4,7 +4,8 @@
 #   make demo            install missing packages, build, show failover live
 #   make bench           benchmarks (not part of check)
 #   make fuzz            libFuzzer targets (clang)
-#   make install         PREFIX=/usr/local DESTDIR=
+#   make install         PREFIX=/usr/local DESTDIR= (the tool, library, headers, pkg-config, CMake, man pages)
+#   make abi-check       abidiff of the shared library against the last release tag
 #   SANITIZE=address|thread builds everything instrumented, in its own build directory.
 
 VERSION := $(shell sed -n 's/^\#define PCONN_VERSION_STRING "\(.*\)"/\1/p' include/pconn.h)
@@ -12,8 +13,11 @@ MAJOR   := $(shell sed -n 's/^\#define PCONN_VERSION_MAJOR //p' include/pconn.h)
 SONAME  := libpconn.so.$(MAJOR)
 
 PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
 LIBDIR     ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
+MANDIR     ?= $(PREFIX)/share/man
+CMAKEDIR   ?= $(LIBDIR)/cmake/pconn
 DESTDIR    ?=
 
 CC       ?= cc
@@ -61,7 +65,7 @@ STRESS_ROUNDS ?= 1000
 
 .SECONDARY:
 .PHONY: all lib check demo bench bench-build fuzz fuzz-build install uninstall clean deps lint tests \
-        stress stress-build
+        stress stress-build abi-check
 
 all: lib $(SAMPLES)
 lib: $(B)/libpconn.a $(B)/$(SONAME) $(B)/pconn.pc
@@ -85,6 +89,19 @@ $(B)/$(SONAME): $(LIB_OBJ) src/pconn.map
 
 PC_SED := sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
 	-e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|'
+
+# The CMake package finds the library next to itself ($(CMAKEDIR) is two levels below
+# $(LIBDIR)) and the headers by a path relative to itself, so it can be moved.
+MINOR := $(shell sed -n 's/^\#define PCONN_VERSION_MINOR //p' include/pconn.h)
+SIZEOF_VOID_P := $(shell $(CC) -dM -E -x c /dev/null | sed -n 's/^\#define __SIZEOF_POINTER__ //p')
+CMAKE_SED = sed -e 's|@VERSION@|$(VERSION)|g' -e 's|@MAJOR@|$(MAJOR)|g' -e 's|@MINOR@|$(MINOR)|g' \
+	-e 's|@SIZEOF_VOID_P@|$(SIZEOF_VOID_P)|g' \
+	-e "s|@CMAKE_TO_INCLUDEDIR@|$$(realpath -m --relative-to=$(CMAKEDIR) $(INCLUDEDIR))|g"
+
+# Man pages (mdoc): each section-3 page also answers to every function it names in .Nm,
+# through a one-line ".so" page installed under that name.
+MAN1 := $(wildcard docs/man/*.1)
+MAN3 := $(wildcard docs/man/*.3)
 
 $(B)/pconn.pc: pconn.pc.in include/pconn.h
 	$(Q)$(PC_SED) $< > $@
@@ -145,18 +162,46 @@ fuzz: deps
 fuzz-build:
 	@$(MAKE) --no-print-directory -f test/fuzz/fuzz.mk fuzz-build
 
-install: lib
-	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR)
+install: lib $(B)/samples/pconn
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(CMAKEDIR) \
+	    $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(BINDIR)
+	install -m 755 $(B)/samples/pconn $(DESTDIR)$(BINDIR)/pconn
 	install -m 644 $(HEADERS) $(DESTDIR)$(INCLUDEDIR)/
 	install -m 644 $(B)/libpconn.a $(DESTDIR)$(LIBDIR)/
 	install -m 755 $(B)/$(SONAME) $(DESTDIR)$(LIBDIR)/
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libpconn.so
 	$(PC_SED) pconn.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
+	$(CMAKE_SED) cmake/pconnConfig.cmake.in > $(DESTDIR)$(CMAKEDIR)/pconnConfig.cmake
+	$(CMAKE_SED) cmake/pconnConfigVersion.cmake.in > $(DESTDIR)$(CMAKEDIR)/pconnConfigVersion.cmake
+	$(Q)for page in $(MAN1) $(MAN3); do \
+	    sed 's/^\.Os libpconn.*/.Os libpconn $(VERSION)/' $$page > \
+	        $(DESTDIR)$(MANDIR)/man$${page##*.}/$$(basename $$page); \
+	done
+	$(Q)for page in $(MAN3); do \
+	    for fn in $$(sed -n 's/^\.Nm \([a-z_]*\).*/\1/p' $$page | sort -u); do \
+	        [ -e docs/man/$$fn.3 ] || echo ".so man3/$$(basename $$page)" > $(DESTDIR)$(MANDIR)/man3/$$fn.3; \
+	    done; \
+	done
 
 uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/pconn
 	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/,$(notdir $(HEADERS)))
 	rm -f $(DESTDIR)$(LIBDIR)/libpconn.a $(DESTDIR)$(LIBDIR)/libpconn.so $(DESTDIR)$(LIBDIR)/$(SONAME)
 	rm -f $(DESTDIR)$(LIBDIR)/pkgconfig/pconn.pc
+	rm -f $(DESTDIR)$(CMAKEDIR)/pconnConfig.cmake $(DESTDIR)$(CMAKEDIR)/pconnConfigVersion.cmake
+	-rmdir $(DESTDIR)$(CMAKEDIR) 2>/dev/null
+	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(MAN1)))
+	$(Q)for page in $(MAN3); do \
+	    for fn in $$(sed -n 's/^\.Nm \([a-z_]*\).*/\1/p' $$page | sort -u) $$(basename $$page .3); do \
+	        rm -f $(DESTDIR)$(MANDIR)/man3/$$fn.3; \
+	    done; \
+	done
+
+# The ABI of libpconn.so against the newest release tag (vX.Y.Z), with libabigail's
+# abidiff: exit 0 when compatible. Without a tag or without abidiff it says so and passes.
+ABI_TAG = $(shell git describe --tags --abbrev=0 --match 'v[0-9]*' 2>/dev/null)
+abi-check: lib
+	@test/abi-check.sh $(B) "$(ABI_TAG)"
 
 lint: deps
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \

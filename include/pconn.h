@@ -363,6 +363,22 @@ typedef struct pconn_stats_t {
 /* Fills *out with a consistent snapshot. */
 void pconn_stats(pconn_t *pc, pconn_stats_t *out);
 
+/* The same snapshot as one JSON object on one line, for people and monitoring:
+ * {"server_name", "state" ("connecting", "connected", "waiting", "closed"),
+ * "state_seconds" (in it since), "attempts", "failures", "connects", "disconnects",
+ * "last_error" ({"code": "PCONN_...", "message"} or null)}, and for an RPC pconn "rpc":
+ * {"calls", "answered", "in_flight", "bytes_out", "bytes_in", "served" (queries its
+ * handlers ran), "errors" ({"PCONN_...": count}), "latency_us" ([[bound, count], ...]:
+ * answers faster than bound us and not faster than the bucket below)}. A malloc'd
+ * string the caller frees with free(); NULL for NULL or out of memory. Any thread. */
+char *pconn_stats_json(pconn_t *pc);
+
+/* Levels of the log callbacks (RPC server, announcer). */
+enum { PCONN_LOG_ERROR = 0, PCONN_LOG_WARNING = 1, PCONN_LOG_INFO = 2 };
+/* A log callback: one line for people, no newline; called from the library's threads,
+ * with no lock held. */
+typedef void (*pconn_log_fn)(int level, const char *message, void *arg);
+
 #ifdef __cplusplus
 }
 #endif

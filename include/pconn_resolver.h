@@ -73,6 +73,11 @@ typedef struct pconn_announce_options_t {
     const char *key;      /* full key of this instance, e.g. /services/echo/7001 */
     const char *address;  /* what clients should connect to: "host:port" */
     int ttl_s;            /* 0: 10; etcd may raise a very small TTL to its minimum */
+    /* Optional: the announcer's own story, from its thread: etcd unreachable and back
+     * (WARNING, INFO, once each per outage), the lease gone and the key registered again
+     * (WARNING, INFO). */
+    pconn_log_fn on_log;
+    void *on_log_arg;
 } pconn_announce_options_t;
 
 typedef struct pconn_announcer_t pconn_announcer_t;

@@ -74,25 +74,54 @@ void pconn_rpc_impls_free(pconn_rpc_impls_t *impls);
  * pconn_rpc_call(). NULL outside handlers. */
 pconn_conn_t *pconn_rpc_handler_conn(void);
 
-/* ---- Transport -------------------------------------------------------------------- */
+/* ---- Transport and peers --------------------------------------------------------- */
 
-/* What carries the frames over a connected socket: plain TCP by default, or e.g. TLS. */
+/* A peer as the RPC server (or a handler) sees it. The strings are the library's, valid
+ * for the connection's life. */
+typedef struct pconn_rpc_peer_t {
+    const char *address;      /* "host:port", "[v6]:port" or "a unix peer" */
+    const char *subject;      /* the verified certificate's subject (one line, RFC 2253)
+                                 with a transport that verifies one (TLS); else NULL */
+    const char *const *sans;  /* its subjectAltNames as "DNS:name", "IP:addr", "URI:...",
+                                 "email:...", NULL-terminated; NULL without */
+} pconn_rpc_peer_t;
+
+/* What carries the frames over a connected socket, which the library makes
+ * non-blocking: plain TCP by default, or e.g. TLS. The library calls read from one
+ * thread at a time and write from one thread at a time, possibly both at once; a
+ * session that cannot allow that (an OpenSSL SSL *) serializes inside, with a lock it
+ * never holds while waiting (the calls never wait). Every wait is the library's: a
+ * poll() with its own deadline and cancel descriptor, so close interrupts it. */
 typedef struct pconn_transport_t {
-    /* Starts a session on the connected fd (e.g. the TLS handshake) within timeout_ms.
-     * Returns the session, or NULL with err set. Must not close fd. */
-    void *(*open)(void *arg, int fd, const char *address, int64_t timeout_ms,
-                  pconn_error_t *err);
-    /* As recv(2)/send(2) on a blocking fd: bytes moved, 0 at end of stream (read), or
-     * -1 with errno. Never raise SIGPIPE. read is only called once the fd is readable
-     * or pending() is non-zero. */
+    /* Makes a session on the connected fd; no I/O yet. server is 1 on the accepting
+     * side. Must not close fd. The session, or NULL with err set. */
+    void *(*open)(void *arg, int fd, const char *address, int server, pconn_error_t *err);
+    /* Optional (NULL: none): one step of the session's own handshake. 0 when done; -1
+     * with errno EAGAIN: call again when the fd is ready for wants(session, 0); -1 with
+     * errno set otherwise and err filled: it failed. */
+    int (*handshake)(void *session, pconn_error_t *err);
+    /* As recv(2)/send(2) on a non-blocking fd: bytes moved, 0 at the end of the stream
+     * (read), -1 with errno (EAGAIN: not now). Never raise SIGPIPE. */
     ssize_t (*read)(void *session, void *buf, size_t len);
     ssize_t (*write)(void *session, const void *buf, size_t len);
-    /* Optional: bytes already decoded and buffered inside the session. */
+    /* Optional: bytes already decoded and buffered inside the session (poll() would not
+     * show them). */
     size_t (*pending)(void *session);
+    /* Optional: after -1/EAGAIN, the poll() events (POLLIN and/or POLLOUT) the last call
+     * of that direction waits for (writing 0: read and handshake; 1: write). NULL:
+     * POLLIN for reading and handshaking, POLLOUT for writing. */
+    short (*wants)(void *session, int writing);
+    /* Optional: fills subject and sans of *peer from the verified peer certificate
+     * (strings the session's, valid until close). */
+    void (*identity)(void *session, pconn_rpc_peer_t *peer);
     /* Frees the session (not the fd). */
     void (*close)(void *session);
     void *arg;
 } pconn_transport_t;
+
+/* Inside a handler: who sent the query (address; and with a verifying transport, the
+ * certificate's subject and names). NULL outside handlers. */
+const pconn_rpc_peer_t *pconn_rpc_handler_peer(void);
 
 /* ---- Client ----------------------------------------------------------------------- */
 
@@ -121,10 +150,30 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
 
 /* Calls (name, version) with req on conn, an RPC connection (from pconn_connected() of
  * an RPC pconn, or pconn_rpc_handler_conn()), and waits up to timeout_ms for the answer.
- * On PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
+ * timeout_ms covers everything: waiting for the right to write, sending (a peer that
+ * does not read makes it PCONN_ETIMEDOUT "could not send within N ms"; when part of
+ * the request had gone out, the connection is closed too, as its stream is broken),
+ * and the answer. On
+ * PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
  * be NULL) says why. Any thread, any number at once. */
 int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
                    size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err);
+
+/* One call of a batch for pconn_rpc_call_many(). */
+typedef struct pconn_rpc_call_t {
+    const char *name; int version; const void *req; size_t req_len;  /* in */
+    pconn_buf_t resp; int status; pconn_error_t err;                 /* out, per call */
+} pconn_rpc_call_t;
+
+/* Pipelining for one thread: sends all n calls on conn at once (one write where they
+ * fit), waits until every one has its answer or the shared deadline passes; returns
+ * PCONN_OK when all succeeded, else the first failing status (in the order of calls).
+ * Each call's own status, err and resp (free with pconn_buf_free(); empty unless its
+ * status is PCONN_OK) say what happened to it, as pconn_rpc_call() would. A call that
+ * fails its checks (bad name, too big) is not sent; the others are. timeout_ms covers
+ * sending and answers, as for pconn_rpc_call(). Any thread; n may be 0. */
+int pconn_rpc_call_many(pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                        int64_t timeout_ms);
 
 /* Waits (within timeout_ms) for a connection of pc, then calls on it within what is left
  * of timeout_ms: the one line a legacy program needs. PCONN_ETIMEDOUT when no connection
@@ -146,6 +195,18 @@ typedef struct pconn_rpc_server_options_t {
     int max_connections;                 /* 0 (or less): no limit; over it a new peer is
                                             told "too many connections (limit N)" in a
                                             CLOSE frame, which its handshake reports */
+    const pconn_transport_t *transport;  /* NULL: plain TCP; must outlive the server */
+    /* Optional: called (on the connection's handshake thread) once the peer is known
+     * (its address, and its identity from the transport), before the server's HELLO.
+     * Return PCONN_OK to let it in; any other code refuses it: the peer's handshake
+     * fails with "refused by the peer: not authorized: " and why->message. */
+    int (*authorize)(const pconn_rpc_peer_t *peer, void *arg, pconn_error_t *why);
+    void *authorize_arg;
+    /* Optional: what the server would otherwise keep to itself — a peer whose
+     * handshake failed or that was refused (WARNING), a connection closed for breaking
+     * the protocol or going silent (WARNING), out of descriptors (ERROR). */
+    pconn_log_fn on_log;
+    void *on_log_arg;
 } pconn_rpc_server_options_t;
 
 /* Listens and serves: each connection is handshaken, kept alive by heartbeats, and its
@@ -153,6 +214,11 @@ typedef struct pconn_rpc_server_options_t {
  * (may be NULL) filled: PCONN_EINVAL (bad options) or PCONN_EIO (cannot listen). */
 int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_server_t **out,
                            pconn_error_t *err);
+
+/* The server's counters as one JSON object (see pconn_stats_json() for "rpc"):
+ * {"address", "connections", "handshakes", "handlers_busy", "rpc": {...}}. malloc'd,
+ * free() it; NULL for NULL or out of memory. Any thread. */
+char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv);
 
 /* The bound address, e.g. "127.0.0.1:40123"; lives as long as srv. */
 const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);

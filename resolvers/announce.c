@@ -3,6 +3,7 @@
 #include "catalog.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,11 @@ struct pconn_announcer_t {
     char *key_b64, *value_b64;
     int ttl_s;
     char lease[32];      /* the lease ID as etcd writes it, "" when none */
+    bool put_done;       /* the key is under that lease */
+    bool unreachable;    /* the last keep-alive round failed (the thread's alone) */
+    char *key;           /* as given, for the log */
+    pconn_log_fn on_log;
+    void *on_log_arg;
 };
 
 /* POSTs body to base+path and parses the JSON answer. PCONN_EUNIMPLEMENTED when the
@@ -61,12 +67,34 @@ static int etcd_call(pconn_announcer_t *a, const char *path, const char *body, j
     return rc;
 }
 
-/* A new lease, and the key put under it. */
+/* The key put under the lease we hold. */
+static int put_key(pconn_announcer_t *a, pconn_error_t *err)
+{
+    size_t n = strlen(a->key_b64) + strlen(a->value_b64) + 64;
+    char *put = malloc(n);
+    if (put == NULL) {
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "etcd %s: put", a->base);
+        return PCONN_ENOMEM;
+    }
+    snprintf(put, n, "{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%s\"}", a->key_b64, a->value_b64, a->lease);
+    json_t *root;
+    int rc = etcd_call(a, "/v3/kv/put", put, &root, err);
+    free(put);
+    json_decref(root);
+    a->put_done = rc == PCONN_OK;
+    return rc;
+}
+
+/* A new lease, and the key put under it. The lease is remembered as soon as it is
+ * granted, so that stop revokes it even when the put's answer never came (a put cut
+ * short by stop may still have reached etcd). */
 static int register_instance(pconn_announcer_t *a, pconn_error_t *err)
 {
     char body[512];
     snprintf(body, sizeof body, "{\"TTL\":%d}", a->ttl_s);
     json_t *root;
+    a->lease[0] = '\0';
+    a->put_done = false;
     int rc = etcd_call(a, "/v3/lease/grant", body, &root, err);
     if (rc != PCONN_OK)
         return rc;
@@ -76,23 +104,9 @@ static int register_instance(pconn_announcer_t *a, pconn_error_t *err)
         pconn_error_set(err, PCONN_EPROTO, 0, "etcd %s: lease grant without an ID", a->base);
         return PCONN_EPROTO;
     }
-    char lease[sizeof a->lease];
-    snprintf(lease, sizeof lease, "%s", id);
+    snprintf(a->lease, sizeof a->lease, "%s", id);
     json_decref(root);
-
-    size_t n = strlen(a->key_b64) + strlen(a->value_b64) + 64;
-    char *put = malloc(n);
-    if (put == NULL) {
-        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "etcd %s: put", a->base);
-        return PCONN_ENOMEM;
-    }
-    snprintf(put, n, "{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%s\"}", a->key_b64, a->value_b64, lease);
-    rc = etcd_call(a, "/v3/kv/put", put, &root, err);
-    free(put);
-    json_decref(root);
-    if (rc == PCONN_OK)
-        snprintf(a->lease, sizeof a->lease, "%s", lease);
-    return rc;
+    return put_key(a, err);
 }
 
 /* PCONN_OK while the lease lives, PCONN_ECLOSED when it is gone, else unreachable. */
@@ -138,6 +152,19 @@ static void revoke(pconn_announcer_t *a, int64_t deadline_ns)
     a->lease[0] = '\0';
 }
 
+static void say(const pconn_announcer_t *a, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void say(const pconn_announcer_t *a, int level, const char *fmt, ...)
+{
+    if (a->on_log == NULL)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    a->on_log(level, line, a->on_log_arg);
+}
+
 static void *announce_main(void *arg)
 {
     pconn_announcer_t *a = arg;
@@ -153,8 +180,22 @@ static void *announce_main(void *arg)
         pconn__mutex_unlock(&a->mutex);
         pconn_error_t err;
         int rc = a->lease[0] != '\0' ? keep_alive(a, &err) : PCONN_ECLOSED;
-        if (rc == PCONN_ECLOSED) /* expired while we could not reach etcd: a new lease */
+        if (rc == PCONN_OK && !a->put_done) /* granted, but the put did not get through */
+            rc = put_key(a, &err);
+        if (rc == PCONN_ECLOSED) { /* expired while we could not reach etcd: a new lease */
+            if (a->lease[0] != '\0')
+                say(a, PCONN_LOG_WARNING, "lease %s of %s is gone: registering again", a->lease, a->key);
             rc = register_instance(a, &err);
+            if (rc == PCONN_OK)
+                say(a, PCONN_LOG_INFO, "%s registered again under lease %s", a->key, a->lease);
+        }
+        /* An outage is said once when it starts and once when it ends. */
+        if (rc != PCONN_OK && !a->unreachable && !atomic_load(&a->http.aborted))
+            say(a, PCONN_LOG_WARNING, "keeping %s alive: %s; retrying every %lld ms", a->key,
+                err.message, (long long)(RETRY_MS < interval_ms ? RETRY_MS : interval_ms));
+        else if (rc == PCONN_OK && a->unreachable)
+            say(a, PCONN_LOG_INFO, "keeping %s alive: etcd answers again", a->key);
+        a->unreachable = rc != PCONN_OK;
         wait_ms = rc == PCONN_OK ? interval_ms : (RETRY_MS < interval_ms ? RETRY_MS : interval_ms);
         pconn__mutex_lock(&a->mutex);
     }
@@ -167,6 +208,7 @@ static void destroy(pconn_announcer_t *a)
     pconn__http_cleanup(&a->http);
     free(a->base);
     free(a->key_b64);
+    free(a->key);
     free(a->value_b64);
     pthread_cond_destroy(&a->cond);
     pthread_mutex_destroy(&a->mutex);
@@ -215,8 +257,11 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
         blen--;
     a->base = strndup(opts->etcd_url, blen);
     a->key_b64 = pconn__base64_encode(opts->key, strlen(opts->key));
+    a->key = strdup(opts->key);
+    a->on_log = opts->on_log;
+    a->on_log_arg = opts->on_log_arg;
     a->value_b64 = instance_value(&parsed, opts->address);
-    if (a->base == NULL || a->key_b64 == NULL || a->value_b64 == NULL ||
+    if (a->base == NULL || a->key_b64 == NULL || a->value_b64 == NULL || a->key == NULL ||
         pconn__http_init(&a->http, REQUEST_TIMEOUT_MS, MAX_ANSWER_BYTES, NULL, NULL) != PCONN_OK) {
         destroy(a);
         pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_announce_start");
@@ -224,11 +269,11 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
     }
     int rc = register_instance(a, err);
     if (rc == PCONN_OK && pconn__thread_start(&a->thread, announce_main, a, 0, false) != 0) {
-        revoke(a, pconn__deadline_ns(STOP_BOUND_MS));
         rc = PCONN_ENOMEM;
         pconn_error_set(err, rc, EAGAIN, "pconn_announce_start: thread");
     }
     if (rc != PCONN_OK) {
+        revoke(a, pconn__deadline_ns(STOP_BOUND_MS)); /* a lease granted before the failure */
         destroy(a);
         return rc;
     }

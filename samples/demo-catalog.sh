@@ -1,7 +1,7 @@
 #!/bin/sh
 # The catalog demo: a local etcd, two echo servers that announce themselves in it
 # (`pconn serve --announce`), a client that follows the catalog (`pconn watch
-# --catalog`). The server the client is connected to is killed with SIGKILL; its lease
+# etcd:URL/PREFIX`). The server the client is connected to is killed with SIGKILL; its lease
 # expires and the client moves to the other one.
 #   samples/demo-catalog.sh BUILD_DIR
 set -eu
@@ -43,7 +43,7 @@ for name in A B; do
 done
 
 # --pick first: the client sticks to the first key, A, for as long as A is listed.
-"$bin" watch --every 200 --catalog "$url" --format etcd --key /demo/echo/ --pick first >"$tmp/watch.out" 2>&1 &
+"$bin" watch "etcd:$url/demo/echo/" --every 200 --pick first >"$tmp/watch.out" 2>&1 &
 pids="$pids $!"
 first=$(wait_line "$tmp/watch.out" "connected to" | sed 's/.*connected to //')
 if [ "$first" = "$addr_A" ]; then victim=A; other=$addr_B; else victim=B; other=$addr_A; fi

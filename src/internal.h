@@ -106,6 +106,11 @@ PCONN_HIDDEN bool pconn__conn_inherited(const pconn_conn_t *c);
  * forever); PCONN_OK for every other resolver. */
 PCONN_HIDDEN int pconn__resolver_check_addresses(const pconn_resolver_t *r, pconn_error_t *err);
 
+/* For the statistics: pc's clock reading, and its RPC counters (NULL: not RPC). */
+struct rpc_stats_t;
+PCONN_HIDDEN int64_t pconn__stats_clock_now(const pconn_t *pc);
+PCONN_HIDDEN struct rpc_stats_t *pconn__stats_rpc(const pconn_t *pc);
+
 /* pconn_create() with a destructor for opts->connect_arg, called when the pconn is
  * freed, or at once when creation fails. For connectors that allocate their options. */
 PCONN_HIDDEN int pconn__create(const pconn_options_t *opts, void (*connect_arg_free)(void *),

@@ -2,6 +2,7 @@
  * The worker runs the cycle of DESIGN.md section 3; public calls take the mutex briefly.
  * Callbacks and user functions always run with the mutex released. */
 #include "internal.h"
+#include "rpc.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -125,6 +126,18 @@ static void free_inherited(pconn_t *pc)
     close(pc->wake_fd);
     free(pc->server_name);
     free(pc); /* not the mutex or cond: some parent thread may have held them */
+}
+
+/* ---- for stats.c ------------------------------------------------------------------ */
+
+int64_t pconn__stats_clock_now(const pconn_t *pc)
+{
+    return pconn_clock_now(pc->clock);
+}
+
+rpc_stats_t *pconn__stats_rpc(const pconn_t *pc)
+{
+    return pconn__rpc_client_stats(pc->connect_arg, pc->connect);
 }
 
 /* ---- small helpers --------------------------------------------------------------- */

@@ -4,6 +4,8 @@
 #define PCONN_RPC_INTERNAL_H
 
 #include "internal.h"
+
+#include <stdatomic.h>
 #include "pconn_rpc.h"
 #include "pconn_tcp.h"
 
@@ -64,11 +66,33 @@ PCONN_HIDDEN void pconn__rpc_pool_unref(rpc_pool_t *p);
 /* The owner's end: no new jobs; waits for the queued and running ones (not when called
  * from one of them), then drops the owner's reference. NULL is ignored. */
 PCONN_HIDDEN void pconn__rpc_pool_release(rpc_pool_t *p);
+/* Threads running a job now. */
+PCONN_HIDDEN int pconn__rpc_pool_busy(rpc_pool_t *p);
 /* References to an implementation table (pconn_rpc_impls_free drops the user's). */
 PCONN_HIDDEN void pconn__rpc_impls_ref(pconn_rpc_impls_t *impls);
 
 PCONN_HIDDEN pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t *impls, const char *name,
                                                         size_t name_len, uint32_t version, void **arg);
+
+/* ---- statistics ---- */
+
+/* Counters of an RPC client or server, shared by its connections (which may outlive
+ * it, hence the references). Latency bucket k counts answers in [2^(k-1), 2^k) us. */
+#define RPC_LAT_BUCKETS 28
+typedef struct rpc_stats_t {
+    atomic_int refs;
+    atomic_ullong calls, answered, in_flight, bytes_out, bytes_in, served;
+    atomic_ullong errors[16];
+    atomic_ullong latency[RPC_LAT_BUCKETS];
+} rpc_stats_t;
+PCONN_HIDDEN rpc_stats_t *pconn__rpc_stats_new(void);
+PCONN_HIDDEN void pconn__rpc_stats_ref(rpc_stats_t *s);
+PCONN_HIDDEN void pconn__rpc_stats_unref(rpc_stats_t *s);
+/* Adds "rpc": {...} with the counters to obj (a jansson object). */
+struct json_t;
+PCONN_HIDDEN int pconn__rpc_stats_json(const rpc_stats_t *s, struct json_t *obj);
+/* The counters of an RPC pconn's client, or NULL for any other pconn. */
+PCONN_HIDDEN rpc_stats_t *pconn__rpc_client_stats(void *connect_arg, pconn_connect_fn connect);
 
 /* ---- connections ---- */
 
@@ -78,8 +102,17 @@ typedef struct rpc_config_t {
     size_t max;
     int64_t hb_timeout_ms, hb_every_ms;
     const pconn_transport_t *transport; /* NULL: plain */
+    bool server;                        /* the accepting side */
+    int (*authorize)(const pconn_rpc_peer_t *, void *, pconn_error_t *); /* server: or NULL */
+    void *authorize_arg;
+    rpc_stats_t *stats;                 /* may be NULL; a reference per connection */
+    void (*on_log)(int level, const char *message, void *arg); /* server: or NULL */
+    void *on_log_arg;
 } rpc_config_t;
 
+/* Calls cfg->on_log, if set, with a formatted line. */
+PCONN_HIDDEN void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 /* Fills defaults into a configuration from user options (zeros mean defaults). */
 PCONN_HIDDEN void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
                                     const pconn_heartbeat_t *hb, const pconn_transport_t *transport);

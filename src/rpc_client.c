@@ -19,6 +19,7 @@ static void client_free(void *arg)
     rpc_client_t *cl = arg;
     pconn__rpc_pool_release(cl->cfg.pool); /* from one of its handlers: waits for none */
     pconn_rpc_impls_free(cl->cfg.impls);   /* the client's reference */
+    pconn__rpc_stats_unref(cl->cfg.stats);
     free((char *)cl->tcp.bind_address);
     free(cl);
 }
@@ -32,6 +33,11 @@ static int rpc_connect(void *arg, const char *address, pconn_conn_t **conn, pcon
         return err->code;
     return pconn__rpc_conn_open(fd, address, &cl->cfg, deadline, pconn__cancel_fd(), pconn__cancelled,
                                 NULL, NULL, conn, err);
+}
+
+rpc_stats_t *pconn__rpc_client_stats(void *connect_arg, pconn_connect_fn connect)
+{
+    return connect == rpc_connect ? ((rpc_client_t *)connect_arg)->cfg.stats : NULL;
 }
 
 int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)
@@ -58,6 +64,8 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)
     pconn__rpc_config(&cl->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
                       opts->transport);
     cl->cfg.impls = NULL; /* referenced below, once nothing can fail before client_free */
+    if ((cl->cfg.stats = pconn__rpc_stats_new()) == NULL)
+        goto fail;
     if (opts->implementations != NULL && (cl->cfg.pool = pconn__rpc_pool_new(CLIENT_POOL_MAX)) == NULL)
         goto fail;
     pconn__rpc_impls_ref(opts->implementations);

@@ -1,9 +1,12 @@
 /* rpc_conn.c - an RPC connection: handshake, a reader thread that also keeps the
  * heartbeats, calls multiplexed by id, queries handed to the handler pool.
- * Lock order: c->lock and c->wlock are never held together. */
+ * c->lock is held only briefly, never while writing or calling out; c->wlock only by a
+ * writer, never together with c->lock. */
 #include "rpc.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -12,6 +15,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define READ_BUF 65536
@@ -35,9 +39,10 @@ typedef struct rpc_conn_t {
     char address[PCONN_ADDRESS_MAX];
     rpc_config_t cfg;
     void *session;      /* the transport's, or NULL */
+    pconn_rpc_peer_t peer; /* address: ours; subject and sans: the session's */
 
-    pthread_mutex_t wlock; /* one writer at a time */
     pthread_mutex_t lock;  /* pending, next_id, failure */
+    pthread_mutex_t wlock; /* one writer at a time: writer_enter() */
     pending_t *pending;
     uint64_t next_id;
     bool failed;
@@ -64,10 +69,16 @@ typedef struct rpc_conn_t {
 } rpc_conn_t;
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
+static _Thread_local const pconn_rpc_peer_t *tl_handler_peer;
 
 pconn_conn_t *pconn_rpc_handler_conn(void)
 {
     return tl_handler_conn;
+}
+
+const pconn_rpc_peer_t *pconn_rpc_handler_peer(void)
+{
+    return tl_handler_peer;
 }
 
 void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
@@ -80,6 +91,35 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->hb_timeout_ms = hb != NULL && (hb->timeout_ms > 0 || hb->timeout_ms == PCONN_FOREVER) ? hb->timeout_ms : RPC_DEFAULT_HB_TIMEOUT_MS;
     cfg->hb_every_ms = hb != NULL && hb->send_every_ms > 0 ? hb->send_every_ms : RPC_DEFAULT_HB_EVERY_MS;
     cfg->transport = transport;
+    cfg->server = false;
+    cfg->authorize = NULL;
+    cfg->authorize_arg = NULL;
+    cfg->stats = NULL;
+    cfg->on_log = NULL;
+    cfg->on_log_arg = NULL;
+}
+
+void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
+{
+    if (cfg->on_log == NULL)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    cfg->on_log(level, line, cfg->on_log_arg);
+}
+
+/* The poll() events the transport's last call of that direction waits for. */
+static short transport_wants(const rpc_conn_t *c, int writing)
+{
+    if (c->cfg.transport != NULL && c->cfg.transport->wants != NULL && c->session != NULL) {
+        short ev = c->cfg.transport->wants(c->session, writing);
+        if (ev != 0)
+            return ev;
+    }
+    return writing ? POLLOUT : POLLIN;
 }
 
 /* ---- raw I/O ------------------------------------------------------------------- */
@@ -98,59 +138,172 @@ static ssize_t raw_write(rpc_conn_t *c, const void *buf, size_t len)
     return send(c->fd, buf, len, MSG_NOSIGNAL);
 }
 
-/* Writes one frame: header then data, whole, under the write lock. */
-static int write_frame_locked(rpc_conn_t *c, const uint8_t *head, size_t head_len,
-                              const void *data, size_t data_len)
+/* base_ns plus ms milliseconds, saturating at INT64_MAX ("never"): PCONN_FOREVER, or a
+ * value whose nanoseconds would overflow (INT64_MAX ms), means no deadline. */
+static int64_t after_ms(int64_t base_ns, int64_t ms)
 {
-    if (c->cfg.transport == NULL) {
-        /* One system call for the common case. */
-        struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
-        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = data_len > 0 ? 2 : 1};
-        size_t total = head_len + data_len;
-        while (total > 0) {
-            ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                return -1;
-            total -= (size_t)n;
-            while (n > 0 && mh.msg_iovlen > 0) {
-                if ((size_t)n >= mh.msg_iov->iov_len) {
-                    n -= (ssize_t)mh.msg_iov->iov_len;
-                    mh.msg_iov++;
-                    mh.msg_iovlen--;
-                } else {
-                    mh.msg_iov->iov_base = (char *)mh.msg_iov->iov_base + n;
-                    mh.msg_iov->iov_len -= (size_t)n;
-                    n = 0;
-                }
+    if (ms < 0 || ms > (INT64_MAX - base_ns) / 1000000)
+        return INT64_MAX;
+    return base_ns + ms * 1000000;
+}
+
+/* What write_frame() says. */
+enum { WF_OK = 0, WF_ERROR = -1, WF_TIMEOUT = -2, WF_TIMEOUT_MIDFRAME = -3 };
+
+/* The right to write, one thread at a time, taken before deadline_ns (0: only if free
+ * now; INT64_MAX: no limit): a writer waiting behind a stuck one gives up in time
+ * (issue 9, defect 3). A mutex, as the hand-over between writers is the hot path. */
+static bool writer_enter(rpc_conn_t *c, int64_t deadline_ns)
+{
+    if (deadline_ns == 0)
+        return pthread_mutex_trylock(&c->wlock) == 0;
+    if (deadline_ns == INT64_MAX) {
+        pconn__mutex_lock(&c->wlock);
+        return true;
+    }
+    /* pthread_mutex_timedlock() counts on CLOCK_REALTIME (ThreadSanitizer knows no
+     * pthread_mutex_clocklock()): waits of at most 50 ms each, measured afresh against
+     * the monotonic deadline, so a clock step moves the bound by one slice at most. */
+    for (;;) {
+        int64_t left = deadline_ns - pconn__mono_ns();
+        if (left <= 0)
+            return pthread_mutex_trylock(&c->wlock) == 0;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        int64_t at = (int64_t)ts.tv_nsec + (left < 50000000 ? left : 50000000);
+        ts.tv_sec += at / 1000000000;
+        ts.tv_nsec = at % 1000000000;
+        int rc = pthread_mutex_timedlock(&c->wlock, &ts);
+        if (rc == 0)
+            return true;
+        if (rc != ETIMEDOUT && rc != EINTR)
+            abort(); /* a library bug, as pconn__mutex_lock() */
+    }
+}
+
+static void writer_leave(rpc_conn_t *c)
+{
+    pconn__mutex_unlock(&c->wlock);
+}
+
+/* Plain TCP: every frame in as few sendmsg() calls as the kernel takes, never blocking
+ * in them: when the socket is full it polls for room until deadline_ns (0: not at all).
+ * Consumes iov. */
+static int send_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+    size_t sent = 0;
+    while (iovcnt > 0 && iov->iov_len == 0)
+        iov++, iovcnt--;
+    while (iovcnt > 0) {
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)(iovcnt < IOV_MAX ? iovcnt : IOV_MAX)};
+        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            if (rc == 0)
+                return sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
+            if (rc < 0 && errno != EINTR)
+                return WF_ERROR;
+            continue;
+        }
+        if (n <= 0)
+            return WF_ERROR;
+        sent += (size_t)n;
+        while (n > 0 || (iovcnt > 0 && iov->iov_len == 0)) {
+            if ((size_t)n >= iov->iov_len) {
+                n -= (ssize_t)iov->iov_len;
+                iov++;
+                iovcnt--;
+            } else {
+                iov->iov_base = (char *)iov->iov_base + n;
+                iov->iov_len -= (size_t)n;
+                n = 0;
             }
         }
-        return 0;
     }
-    const uint8_t *parts[2] = {head, data};
-    size_t lens[2] = {head_len, data_len};
-    for (int i = 0; i < 2; i++) {
-        while (lens[i] > 0) {
-            ssize_t n = raw_write(c, parts[i], lens[i]);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                return -1;
-            parts[i] += n;
-            lens[i] -= (size_t)n;
+    return WF_OK;
+}
+
+/* One write through the transport, whole, polling for what the session wants until
+ * deadline_ns (0: no waiting). *sent counts what went out. */
+static int transport_write_all(rpc_conn_t *c, const uint8_t *p, size_t len, int64_t deadline_ns,
+                               size_t *sent)
+{
+    while (len > 0) {
+        ssize_t n = raw_write(c, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd pfd = {.fd = c->fd, .events = transport_wants(c, 1)};
+            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            if (rc == 0)
+                return *sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
+            if (rc < 0 && errno != EINTR)
+                return WF_ERROR;
+            continue;
+        }
+        if (n <= 0)
+            return WF_ERROR;
+        p += n;
+        len -= (size_t)n;
+        *sent += (size_t)n;
+    }
+    return WF_OK;
+}
+
+/* A transport: small frames are gathered into one write of up to 16 KiB, so that no
+ * frame waits for Nagle between its header and its data behind a TLS terminator (issue
+ * 9, defect 11) and queued calls go out together; large parts are written as they are. */
+static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+    uint8_t stage[16384];
+    size_t staged = 0, sent = 0;
+    int rc = WF_OK;
+    for (int i = 0; i < iovcnt && rc == WF_OK; i++) {
+        if (iov[i].iov_len == 0)
+            continue; /* no data: its base may be NULL */
+        if (iov[i].iov_len <= sizeof stage - staged) {
+            memcpy(stage + staged, iov[i].iov_base, iov[i].iov_len);
+            staged += iov[i].iov_len;
+            continue;
+        }
+        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
+        staged = 0;
+        if (rc == WF_OK && iov[i].iov_len <= sizeof stage) {
+            memcpy(stage, iov[i].iov_base, iov[i].iov_len);
+            staged = iov[i].iov_len;
+        } else if (rc == WF_OK) {
+            rc = transport_write_all(c, iov[i].iov_base, iov[i].iov_len, deadline_ns, &sent);
         }
     }
-    return 0;
+    if (rc == WF_OK)
+        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
+    return rc;
+}
+
+/* Writes whole frames (iov: their headers and data in order) before deadline_ns
+ * (INT64_MAX: none; 0: only if that needs no waiting). WF_OK; WF_TIMEOUT: nothing went
+ * out, the connection is fine; WF_TIMEOUT_MIDFRAME: part went out, the stream is broken
+ * (the caller fails the connection); WF_ERROR with errno. Consumes iov. */
+static int write_frames(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+    if (!writer_enter(c, deadline_ns))
+        return WF_TIMEOUT;
+    int rc = c->cfg.transport == NULL ? send_plain(c, iov, iovcnt, deadline_ns)
+                                      : send_transport(c, iov, iovcnt, deadline_ns);
+    int e = errno;
+    writer_leave(c);
+    errno = e;
+    return rc;
 }
 
 static int write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
-                       size_t data_len)
+                       size_t data_len, int64_t deadline_ns)
 {
-    pconn__mutex_lock(&c->wlock);
-    int rc = write_frame_locked(c, head, head_len, data, data_len);
-    pconn__mutex_unlock(&c->wlock);
-    return rc;
+    struct iovec iov[2] = {{(void *)head, head_len}, {(void *)data, data_len}};
+    return write_frames(c, iov, 2, deadline_ns);
 }
 
 /* Frame header: length, type, and the fixed fields the caller appends. */
@@ -161,22 +314,31 @@ static size_t frame_head(uint8_t *h, uint8_t type, size_t fixed_len, size_t data
     return 9;
 }
 
+/* Best effort, as the connection ends: only if no one is writing, only what fits now. */
 static void send_close(rpc_conn_t *c, int code, const char *msg)
 {
     uint8_t h[13];
     size_t mlen = strlen(msg);
     frame_head(h, RPC_CLOSE, 4, mlen);
     pconn__put_u32(h + 9, (uint32_t)code);
-    write_frame(c, h, sizeof h, msg, mlen);
+    write_frame(c, h, sizeof h, msg, mlen, 0);
 }
 
+static void fail(rpc_conn_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* An answer that cannot go out within the heartbeat timeout: the peer has not read for
+ * that long, so the connection is as good as dead. */
 static int send_response(rpc_conn_t *c, uint64_t id, int code, const void *data, size_t len)
 {
     uint8_t h[21];
     frame_head(h, RPC_RESPONSE, 12, len);
     pconn__put_u64(h + 9, id);
     pconn__put_u32(h + 17, (uint32_t)code);
-    return write_frame(c, h, sizeof h, data, len);
+    int rc = write_frame(c, h, sizeof h, data, len, after_ms(pconn__mono_ns(), c->cfg.hb_timeout_ms));
+    if (rc == WF_TIMEOUT || rc == WF_TIMEOUT_MIDFRAME)
+        fail(c, PCONN_EIO, "an answer could not be sent for %lld ms: the peer does not read",
+             (long long)c->cfg.hb_timeout_ms);
+    return rc;
 }
 
 /* ---- failure ------------------------------------------------------------------- */
@@ -204,7 +366,6 @@ static void fail_calls(rpc_conn_t *c, int code, const char *msg)
 /* The reader's way out: the reason first, then the connection closed for everyone (so
  * a woken caller that asks its pconn again never gets this connection back, issue 9
  * defect 10), then the calls woken with the reason (rpc_close does it, or this). */
-static void fail(rpc_conn_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 {
     char msg[256];
@@ -214,26 +375,24 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
     vsnprintf(msg + n, sizeof msg - (size_t)n, fmt, ap);
     va_end(ap);
     pconn__mutex_lock(&c->lock);
-    if (!c->failed) {
+    bool first = !c->failed;
+    if (first) {
         c->failed = true;
         c->fail_code = code;
         snprintf(c->fail_msg, sizeof c->fail_msg, "%s", msg);
     }
     pconn__mutex_unlock(&c->lock);
+    /* A peer that hangs up is ordinary; one that breaks the protocol or goes silent is
+     * worth a line in the server's log. */
+    if (first && c->cfg.server && strstr(msg, "connection closed by peer") == NULL &&
+        strstr(msg, "closed by peer:") == NULL)
+        pconn__rpc_log(&c->cfg, PCONN_LOG_WARNING, "%s", msg);
     pconn_conn_close(c->conn);
     fail_calls(c, code, msg);
 }
 
 /* ---- reading ------------------------------------------------------------------- */
 
-/* base_ns plus ms milliseconds, saturating at INT64_MAX ("never"): PCONN_FOREVER, or a
- * value whose nanoseconds would overflow (INT64_MAX ms), means no deadline. */
-static int64_t after_ms(int64_t base_ns, int64_t ms)
-{
-    if (ms < 0 || ms > (INT64_MAX - base_ns) / 1000000)
-        return INT64_MAX;
-    return base_ns + ms * 1000000;
-}
 
 /* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
  * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout). */
@@ -253,19 +412,19 @@ static int wait_readable(rpc_conn_t *c)
             if (now >= dead_at)
                 return PCONN_ETIMEDOUT;
             if (now >= c->next_send_ns) {
-                /* Skipped while someone writes: those bytes reach the peer anyway. */
-                if (pthread_mutex_trylock(&c->wlock) == 0) {
-                    uint8_t h[9];
-                    frame_head(h, RPC_HEARTBEAT, 0, 0);
-                    write_frame_locked(c, h, sizeof h, NULL, 0);
-                    pconn__mutex_unlock(&c->wlock);
-                }
+                /* Never waits: skipped while someone writes (those bytes reach the peer
+                 * anyway) or while the socket is full (it would not be read either). */
+                uint8_t h[9];
+                frame_head(h, RPC_HEARTBEAT, 0, 0);
+                if (write_frame(c, h, sizeof h, NULL, 0, 0) == WF_TIMEOUT_MIDFRAME)
+                    return PCONN_EIO;
                 c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
             }
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
         }
         int cancel_fd = c->handshake_deadline_ns > 0 ? c->cancel_fd : -1;
-        struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN}, {.fd = cancel_fd, .events = POLLIN}};
+        struct pollfd pfd[2] = {{.fd = c->fd, .events = transport_wants(c, 0)},
+                                {.fd = cancel_fd, .events = POLLIN}};
         int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(until));
         if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
             if (c->cancelled == NULL || c->cancelled())
@@ -354,12 +513,26 @@ static int read_frame(rpc_conn_t *c, size_t limit, uint8_t **payload, size_t *le
 
 static int handshake(rpc_conn_t *c, pconn_error_t *err)
 {
+    if (c->cfg.authorize != NULL) {
+        pconn_error_t why = {0};
+        int arc = c->cfg.authorize(&c->peer, c->cfg.authorize_arg, &why);
+        if (arc != PCONN_OK) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "not authorized: %s",
+                     why.message[0] != '\0' ? why.message : pconn_strerror(arc));
+            send_close(c, PCONN_EHANDSHAKE, msg);
+            char sink[64]; /* the peer's HELLO, if here: closing over it would reset */
+            (void)!recv(c->fd, sink, sizeof sink, MSG_DONTWAIT);
+            pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: %s", c->address, msg);
+            return PCONN_EHANDSHAKE;
+        }
+    }
     uint8_t hello[9 + 7];
     frame_head(hello, RPC_HELLO, 7, 0);
     pconn__put_u32(hello + 9, RPC_MAGIC);
     hello[13] = 1;
     pconn__put_u16(hello + 14, RPC_VERSION);
-    if (write_frame(c, hello, sizeof hello, NULL, 0) != 0) {
+    if (write_frame(c, hello, sizeof hello, NULL, 0, c->handshake_deadline_ns) != WF_OK) {
         pconn_error_set(err, PCONN_EHANDSHAKE, errno, "rpc %s: handshake: write", c->address);
         return PCONN_EHANDSHAKE;
     }
@@ -443,9 +616,13 @@ static void run_query(void *arg)
                          j->m.name, j->m.version);
         send_response(c, j->m.id, PCONN_EUNIMPLEMENTED, msg, (size_t)n);
     } else {
+        if (c->cfg.stats != NULL)
+            atomic_fetch_add(&c->cfg.stats->served, 1);
         tl_handler_conn = c->conn;
+        tl_handler_peer = &c->peer;
         int rc = fn(harg, j->m.data, j->m.data_len, &resp, &err);
         tl_handler_conn = NULL;
+        tl_handler_peer = NULL;
         if (rc != PCONN_OK) {
             if (err.message[0] == '\0')
                 snprintf(err.message, sizeof err.message, "%s", pconn_strerror(rc));
@@ -662,6 +839,7 @@ static void rpc_destroy(void *impl)
     pthread_cond_destroy(&c->reader_cond);
     pconn__rpc_pool_unref(c->cfg.pool);
     pconn_rpc_impls_free(c->cfg.impls); /* the connection's reference */
+    pconn__rpc_stats_unref(c->cfg.stats);
     if (c->session != NULL)
         c->cfg.transport->close(c->session);
     close(c->fd);
@@ -683,6 +861,44 @@ bool pconn__rpc_conn_done(pconn_conn_t *conn)
     return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->reader_done);
 }
 
+/* The transport's session and its own handshake, within the handshake's deadline and
+ * interruptible by its cancel fd; then the peer's identity. */
+static int transport_start(rpc_conn_t *c, pconn_error_t *err)
+{
+    const pconn_transport_t *t = c->cfg.transport;
+    pconn_error_t local = {0};
+    c->session = t->open(t->arg, c->fd, c->address, c->cfg.server, &local);
+    if (c->session == NULL) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
+                        local.message[0] != '\0' ? local.message : "open failed");
+        return PCONN_EHANDSHAKE;
+    }
+    while (t->handshake != NULL) {
+        local = (pconn_error_t){0};
+        errno = 0;
+        if (t->handshake(c->session, &local) == 0)
+            break;
+        if (errno != EAGAIN) {
+            pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
+                            local.message[0] != '\0' ? local.message : "handshake failed");
+            return PCONN_EHANDSHAKE;
+        }
+        int rc = wait_readable(c); /* polls for wants(session, 0), deadline, cancel fd */
+        if (rc == PCONN_ETIMEDOUT) {
+            pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport: handshake timed out", c->address);
+            return PCONN_EHANDSHAKE;
+        }
+        if (rc != PCONN_OK) {
+            pconn_error_set(err, rc, 0, "rpc %s: transport: handshake %s", c->address,
+                            rc == PCONN_ECLOSED ? "interrupted by close" : "failed");
+            return rc;
+        }
+    }
+    if (t->identity != NULL)
+        t->identity(c->session, &c->peer);
+    return PCONN_OK;
+}
+
 int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, int64_t deadline_ns,
                          int cancel_fd, bool (*cancelled)(void), void (*on_reader_exit)(void *),
                          void *exit_arg, pconn_conn_t **out, pconn_error_t *err)
@@ -700,8 +916,9 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     c->fd = fd;
     c->rbuf = rbuf;
     c->cfg = *cfg;
-    pconn__rpc_pool_ref(c->cfg.pool);   /* both live as long as the connection: its */
+    pconn__rpc_pool_ref(c->cfg.pool);   /* all live as long as the connection: its */
     pconn__rpc_impls_ref(c->cfg.impls); /* reader and jobs use them (issue 9, defect 2) */
+    pconn__rpc_stats_ref(c->cfg.stats);
     c->on_reader_exit = on_reader_exit;
     c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
@@ -717,19 +934,17 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     }
     pconn__conn_set_address(c->conn, address);
     pconn__conn_set_quiesce(c->conn, wait_reader_out);
-    int rc = PCONN_OK;
-    if (cfg->transport != NULL) {
-        int64_t left_ms = (deadline_ns - pconn__mono_ns()) / 1000000;
-        c->session = cfg->transport->open(cfg->transport->arg, fd, address, left_ms > 0 ? left_ms : 0, err);
-        if (c->session == NULL) {
-            if (err != NULL && err->code == PCONN_OK)
-                pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport failed", address);
-            rc = PCONN_EHANDSHAKE;
-        }
-    }
+    c->peer.address = c->address;
     c->handshake_deadline_ns = deadline_ns;
     c->cancel_fd = cancel_fd;
     c->cancelled = cancelled;
+    /* Every wait is a poll() with a deadline and the cancel fd, never a blocking call. */
+    int fl = fcntl(fd, F_GETFL);
+    int rc = fl >= 0 && fcntl(fd, F_SETFL, fl | O_NONBLOCK) == 0 ? PCONN_OK : PCONN_EIO;
+    if (rc != PCONN_OK)
+        pconn_error_set(err, PCONN_EIO, errno, "rpc %s: fcntl", address);
+    if (rc == PCONN_OK && cfg->transport != NULL)
+        rc = transport_start(c, err);
     if (rc == PCONN_OK)
         rc = handshake(c, err);
     c->handshake_deadline_ns = 0;
@@ -755,6 +970,27 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
 
 /* ---- calls --------------------------------------------------------------------- */
 
+static void unlink_pending(rpc_conn_t *c, pending_t *p)
+{
+    for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == p) {
+            *pp = p->next;
+            break;
+        }
+    }
+}
+
+/* Takes a call that will not wait for its answer off the list; an answer that already
+ * came is freed. */
+static void forget(rpc_conn_t *c, pending_t *p)
+{
+    pconn__mutex_lock(&c->lock);
+    unlink_pending(c, p);
+    pconn__mutex_unlock(&c->lock);
+    free(p->frame);
+    p->frame = NULL;
+}
+
 static int local_error(pconn_error_t *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int local_error(pconn_error_t *err, int code, const char *fmt, ...)
 {
@@ -769,87 +1005,246 @@ static int local_error(pconn_error_t *err, int code, const char *fmt, ...)
     return code;
 }
 
+#define QUERY_HEAD_MAX (9 + 8 + 4 + 2 + RPC_NAME_MAX)
+
+/* The outcome of a finished call into call->resp/status/err; frees what is not handed
+ * over. */
+static void finish_call(pconn_rpc_call_t *call, pending_t *p)
+{
+    if (p->frame == NULL) { /* failed locally: the message is in p->msg */
+        local_error(&call->err, p->code, "%s", p->msg);
+        call->status = p->code;
+        return;
+    }
+    if (p->code == RPC_CODE_OK) {
+        /* Hand the frame over without copying: move the data to its start. */
+        memmove(p->frame, p->frame + 13, p->data_len);
+        call->resp = (pconn_buf_t){.data = p->frame, .len = p->data_len, .cap = p->data_len + 13};
+        call->status = PCONN_OK;
+        call->err = (pconn_error_t){0};
+        return;
+    }
+    int code = p->code == PCONN_EUNIMPLEMENTED || p->code == PCONN_ETOOBIG ? p->code : PCONN_EREMOTE;
+    int n = (int)(p->data_len < 255 ? p->data_len : 255);
+    local_error(&call->err, code, "%.*s", n, (const char *)p->frame + 13);
+    call->status = code;
+    free(p->frame);
+}
+
+/* Checks one call; PCONN_OK, or its status and err set. */
+static int check_call(const rpc_conn_t *c, pconn_rpc_call_t *call)
+{
+    call->resp = (pconn_buf_t){0};
+    call->err = (pconn_error_t){0};
+    if (call->name == NULL || call->version < 0 || (call->req == NULL && call->req_len > 0))
+        return call->status = local_error(&call->err, PCONN_EINVAL, "pconn_rpc_call: bad argument");
+    size_t name_len = strlen(call->name);
+    if (name_len == 0 || name_len > RPC_NAME_MAX)
+        return call->status = local_error(&call->err, PCONN_EINVAL,
+                                           "pconn_rpc_call: name of %zu bytes (1-255)", name_len);
+    if (call->req_len > c->cfg.max - 1 - (8 + 4 + 2 + name_len))
+        return call->status = local_error(&call->err, PCONN_ETOOBIG,
+                                           "rpc %s: request of %zu bytes over the limit of %zu bytes",
+                                           c->address, call->req_len, c->cfg.max);
+    return PCONN_OK;
+}
+
+static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                           int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
+                           int64_t deadline);
+
+/* Sends every valid call of calls[0..n) in one write where they fit, then waits for all
+ * their answers until the shared deadline. ps and heads have room for n. */
+static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                      int64_t timeout_ms, pending_t *ps, uint8_t (*heads)[QUERY_HEAD_MAX],
+                      struct iovec *iov)
+{
+    int64_t deadline = pconn__deadline_ns(timeout_ms);
+    size_t live = 0;
+    for (size_t i = 0; i < n; i++) {
+        ps[i] = (pending_t){0};
+        if (check_call(c, &calls[i]) == PCONN_OK) {
+            ps[i].id = 1; /* marks it as sent below */
+            live++;
+        }
+    }
+    if (live == 0)
+        return;
+    pconn__mutex_lock(&c->lock);
+    if (c->failed) {
+        for (size_t i = 0; i < n; i++)
+            if (ps[i].id != 0)
+                calls[i].status = local_error(&calls[i].err, c->fail_code, "%s", c->fail_msg);
+        pconn__mutex_unlock(&c->lock);
+        return;
+    }
+    int iovcnt = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].id == 0)
+            continue;
+        pconn__cond_init(&ps[i].cond);
+        ps[i].id = ++c->next_id;
+        ps[i].next = c->pending;
+        c->pending = &ps[i];
+        size_t name_len = strlen(calls[i].name), fixed = 8 + 4 + 2 + name_len;
+        uint8_t *h = heads[i];
+        frame_head(h, RPC_QUERY, fixed, calls[i].req_len);
+        pconn__put_u64(h + 9, ps[i].id);
+        pconn__put_u32(h + 17, (uint32_t)calls[i].version);
+        pconn__put_u16(h + 21, (uint16_t)name_len);
+        memcpy(h + 23, calls[i].name, name_len);
+        iov[iovcnt++] = (struct iovec){h, 9 + fixed};
+        iov[iovcnt++] = (struct iovec){(void *)calls[i].req, calls[i].req_len};
+    }
+    pconn__mutex_unlock(&c->lock);
+
+    rpc_stats_t *st = c->cfg.stats;
+    int64_t t0 = pconn__mono_ns();
+    if (st != NULL) {
+        size_t out = 0;
+        for (int k = 0; k < iovcnt; k++)
+            out += iov[k].iov_len;
+        atomic_fetch_add(&st->calls, live);
+        atomic_fetch_add(&st->in_flight, live);
+        atomic_fetch_add(&st->bytes_out, out);
+    }
+    run_calls_wait(c, conn, calls, n, timeout_ms, ps, iov, iovcnt, deadline);
+    if (st != NULL) {
+        int64_t us = (pconn__mono_ns() - t0) / 1000;
+        int bucket = 0;
+        while (bucket < RPC_LAT_BUCKETS - 1 && ((int64_t)1 << bucket) <= us)
+            bucket++;
+        atomic_fetch_sub(&st->in_flight, live);
+        for (size_t i = 0; i < n; i++) {
+            if (ps[i].id == 0)
+                continue;
+            if (calls[i].status == PCONN_OK) {
+                atomic_fetch_add(&st->answered, 1);
+                atomic_fetch_add(&st->latency[bucket], 1);
+                atomic_fetch_add(&st->bytes_in, calls[i].resp.len);
+            } else if (calls[i].status > 0 && calls[i].status < 16) {
+                atomic_fetch_add(&st->errors[calls[i].status], 1);
+            }
+        }
+    }
+}
+
+/* The sending and waiting half of run_calls(). */
+static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+                           int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
+                           int64_t deadline)
+{
+    int wrc = write_frames(c, iov, iovcnt, deadline);
+    if (wrc == WF_TIMEOUT || wrc == WF_TIMEOUT_MIDFRAME) {
+        /* The calls' timeout covers sending (issue 9, defect 3). */
+        for (size_t i = 0; i < n; i++)
+            if (ps[i].id != 0)
+                forget(c, &ps[i]);
+        if (wrc == WF_TIMEOUT_MIDFRAME)
+            fail(c, PCONN_EIO, "a request left half-sent after %lld ms: the peer does not read",
+                 (long long)timeout_ms);
+        for (size_t i = 0; i < n; i++) {
+            if (ps[i].id == 0)
+                continue;
+            pthread_cond_destroy(&ps[i].cond);
+            calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
+                                          "rpc %s: %s version %d: could not send within %lld ms%s",
+                                          c->address, calls[i].name, calls[i].version,
+                                          (long long)timeout_ms,
+                                          wrc == WF_TIMEOUT ? "" : " (connection closed: a frame was cut)");
+        }
+        return;
+    }
+    if (wrc != WF_OK) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
+        fail_calls(c, PCONN_EIO, msg); /* fails these calls too */
+        pconn_conn_close(conn);
+    }
+
+    pconn__mutex_lock(&c->lock);
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].id == 0)
+            continue;
+        bool timed_out = false;
+        while (!ps[i].done && !timed_out)
+            timed_out = pconn__cond_wait_until(&ps[i].cond, &c->lock, deadline) != 0 && !ps[i].done;
+        if (timed_out) {
+            unlink_pending(c, &ps[i]);
+            calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
+                                          "rpc %s: %s version %d: no answer within %lld ms", c->address,
+                                          calls[i].name, calls[i].version, (long long)timeout_ms);
+        }
+    }
+    pconn__mutex_unlock(&c->lock);
+    for (size_t i = 0; i < n; i++) {
+        if (ps[i].id == 0)
+            continue;
+        pthread_cond_destroy(&ps[i].cond);
+        if (ps[i].done)
+            finish_call(&calls[i], &ps[i]);
+    }
+}
+
+int pconn_rpc_call_many(pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n, int64_t timeout_ms)
+{
+    if (calls == NULL && n > 0)
+        return PCONN_EINVAL;
+    int bad = conn == NULL || pconn__conn_ops(conn) != &rpc_ops ? PCONN_EINVAL
+              : pconn__conn_inherited(conn)                    ? PCONN_ECLOSED
+                                                               : PCONN_OK;
+    if (bad == PCONN_OK && n > (size_t)INT_MAX / 2) {
+        bad = PCONN_EINVAL;
+    }
+    pending_t *ps = NULL;
+    uint8_t(*heads)[QUERY_HEAD_MAX] = NULL;
+    struct iovec *iov = NULL;
+    if (bad == PCONN_OK && n > 0) {
+        ps = calloc(n, sizeof *ps);
+        heads = malloc(n * sizeof *heads);
+        iov = malloc(2 * n * sizeof *iov);
+        if (ps == NULL || heads == NULL || iov == NULL)
+            bad = PCONN_ENOMEM;
+    }
+    if (bad != PCONN_OK) {
+        for (size_t i = 0; i < n; i++) {
+            calls[i].resp = (pconn_buf_t){0};
+            calls[i].status = local_error(&calls[i].err, bad, "%s",
+                                          bad == PCONN_ECLOSED ? "rpc: connection inherited across fork()"
+                                          : bad == PCONN_ENOMEM ? "pconn_rpc_call_many: out of memory"
+                                                                : "pconn_rpc_call_many: bad argument");
+        }
+    } else if (n > 0) {
+        run_calls(pconn_conn_impl(conn), conn, calls, n, timeout_ms, ps, heads, iov);
+    }
+    free(ps);
+    free(heads);
+    free(iov);
+    for (size_t i = 0; i < n; i++)
+        if (calls[i].status != PCONN_OK)
+            return calls[i].status;
+    return bad;
+}
+
 int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
                    size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err)
 {
     if (resp != NULL)
         *resp = (pconn_buf_t){0};
-    if (conn == NULL || pconn__conn_ops(conn) != &rpc_ops || name == NULL || resp == NULL ||
-        version < 0 || (req == NULL && req_len > 0))
+    if (conn == NULL || pconn__conn_ops(conn) != &rpc_ops || resp == NULL)
         return local_error(err, PCONN_EINVAL, "pconn_rpc_call: bad argument");
     rpc_conn_t *c = pconn_conn_impl(conn);
     if (pconn__conn_inherited(conn)) /* its reader is the parent's; the socket too */
         return local_error(err, PCONN_ECLOSED, "rpc %s: connection inherited across fork()",
                            c->address);
-    size_t name_len = strlen(name);
-    if (name_len == 0 || name_len > RPC_NAME_MAX)
-        return local_error(err, PCONN_EINVAL, "pconn_rpc_call: name of %zu bytes (1-255)", name_len);
-    size_t fixed = 8 + 4 + 2 + name_len;
-    if (req_len > c->cfg.max - 1 - fixed)
-        return local_error(err, PCONN_ETOOBIG, "rpc %s: request of %zu bytes over the limit of %zu bytes",
-                           c->address, req_len, c->cfg.max);
-
-    pending_t p = {0};
-    pconn__cond_init(&p.cond);
-    int64_t deadline = pconn__deadline_ns(timeout_ms);
-    pconn__mutex_lock(&c->lock);
-    if (c->failed) {
-        int code = c->fail_code;
-        pconn__mutex_unlock(&c->lock);
-        pthread_cond_destroy(&p.cond);
-        return local_error(err, code, "%s", c->fail_msg);
-    }
-    p.id = ++c->next_id;
-    p.next = c->pending;
-    c->pending = &p;
-    pconn__mutex_unlock(&c->lock);
-
-    uint8_t h[9 + 8 + 4 + 2 + RPC_NAME_MAX];
-    frame_head(h, RPC_QUERY, fixed, req_len);
-    pconn__put_u64(h + 9, p.id);
-    pconn__put_u32(h + 17, (uint32_t)version);
-    pconn__put_u16(h + 21, (uint16_t)name_len);
-    memcpy(h + 23, name, name_len);
-    if (write_frame(c, h, 9 + fixed, req, req_len) != 0) {
-        char msg[200];
-        snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
-        fail_calls(c, PCONN_EIO, msg); /* fails this call too */
-        pconn_conn_close(conn);
-    }
-
-    pconn__mutex_lock(&c->lock);
-    while (!p.done) {
-        if (pconn__cond_wait_until(&p.cond, &c->lock, deadline) != 0 && !p.done) {
-            for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
-                if (*pp == &p) {
-                    *pp = p.next;
-                    break;
-                }
-            }
-            pconn__mutex_unlock(&c->lock);
-            pthread_cond_destroy(&p.cond);
-            return local_error(err, PCONN_ETIMEDOUT, "rpc %s: %s version %d: no answer within %lld ms",
-                               c->address, name, version, (long long)timeout_ms);
-        }
-    }
-    pconn__mutex_unlock(&c->lock);
-    pthread_cond_destroy(&p.cond);
-
-    if (p.frame == NULL) /* failed locally: the message is in p.msg */
-        return local_error(err, p.code, "%s", p.msg);
-    if (p.code == RPC_CODE_OK) {
-        /* Hand the frame over without copying: move the data to its start. */
-        memmove(p.frame, p.frame + 13, p.data_len);
-        resp->data = p.frame;
-        resp->len = p.data_len;
-        resp->cap = p.data_len + 13;
-        if (err != NULL)
-            *err = (pconn_error_t){0};
-        return PCONN_OK;
-    }
-    int code = p.code == PCONN_EUNIMPLEMENTED || p.code == PCONN_ETOOBIG ? p.code : PCONN_EREMOTE;
-    int n = (int)(p.data_len < 255 ? p.data_len : 255);
-    local_error(err, code, "%.*s", n, (const char *)p.frame + 13);
-    free(p.frame);
-    return code;
+    /* One call is a batch of one, on the stack: no allocation on this path. */
+    pconn_rpc_call_t call = {.name = name, .version = version, .req = req, .req_len = req_len};
+    pending_t p;
+    uint8_t head[1][QUERY_HEAD_MAX];
+    struct iovec iov[2];
+    run_calls(c, conn, &call, 1, timeout_ms, &p, head, iov);
+    *resp = call.resp;
+    if (err != NULL)
+        *err = call.err;
+    return call.status;
 }

@@ -269,3 +269,13 @@ void pconn__rpc_pool_release(rpc_pool_t *p)
     pconn__mutex_unlock(&p->mutex);
     pconn__rpc_pool_unref(p);
 }
+
+int pconn__rpc_pool_busy(rpc_pool_t *p)
+{
+    if (p == NULL)
+        return 0;
+    pconn__mutex_lock(&p->mutex);
+    int busy = p->threads - p->waiting;
+    pconn__mutex_unlock(&p->mutex);
+    return busy;
+}

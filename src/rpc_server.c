@@ -3,6 +3,7 @@
 #include "rpc.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -101,6 +102,8 @@ static void *greet_main(void *arg)
     pconn__mutex_unlock(&srv->mutex);
     int rc = pconn__rpc_conn_open(g->fd, g->address, &srv->cfg, deadline, srv->stop_fd, NULL,
                                   reader_exited, srv, &conn, &err);
+    if (rc != PCONN_OK && rc != PCONN_ECLOSED)
+        pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "peer %s rejected: %s", g->address, err.message);
     entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
     pconn__mutex_lock(&srv->mutex);
     if (rc != PCONN_OK)
@@ -178,7 +181,11 @@ static void *accept_main(void *arg)
         socklen_t len = sizeof ss;
         int fd = accept4(srv->lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
         if (fd < 0) {
-            backoff = errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM;
+            int e = errno;
+            backoff = e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+            if (backoff)
+                pconn__rpc_log(&srv->cfg, PCONN_LOG_ERROR, "accept on %s: %s; not accepting for %d ms",
+                               srv->address, strerror(e), EMFILE_BACKOFF_MS);
             continue;
         }
         pconn__mutex_lock(&srv->mutex);
@@ -186,6 +193,8 @@ static void *accept_main(void *arg)
         pconn__mutex_unlock(&srv->mutex);
         if (full) {
             refuse(fd, srv->max_connections);
+            pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "a peer refused: too many connections (limit %d)",
+                           srv->max_connections);
             continue;
         }
         int one = 1;
@@ -251,10 +260,17 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     pthread_mutex_init(&srv->mutex, NULL);
     pthread_cond_init(&srv->cond, NULL);
     srv->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
-    pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat, NULL);
+    pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
+                      opts->transport);
+    srv->cfg.server = true;
+    srv->cfg.authorize = opts->authorize;
+    srv->cfg.authorize_arg = opts->authorize_arg;
+    srv->cfg.on_log = opts->on_log;
+    srv->cfg.on_log_arg = opts->on_log_arg;
+    srv->cfg.stats = pconn__rpc_stats_new();
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
-    int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL
+    int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL && srv->cfg.stats != NULL
                   ? pconn__thread_start(&srv->acceptor, accept_main, srv, 0, false)
                   : -1;
     if (prc != 0) {
@@ -265,6 +281,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
             close(srv->stop_fd);
         close(srv->lfd);
         pconn_rpc_impls_free(srv->cfg.impls);
+        pconn__rpc_stats_unref(srv->cfg.stats);
         pthread_cond_destroy(&srv->cond);
         pthread_mutex_destroy(&srv->mutex);
         free(srv);
@@ -308,9 +325,27 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     pconn__mutex_unlock(&srv->mutex);
     pconn__rpc_pool_release(srv->cfg.pool); /* waits for running handlers */
     pconn_rpc_impls_free(srv->cfg.impls);   /* the server's reference */
+    pconn__rpc_stats_unref(srv->cfg.stats);
     close(srv->wake_fd);
     close(srv->stop_fd);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mutex);
     free(srv);
+}
+
+char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv)
+{
+    if (srv == NULL)
+        return NULL;
+    pconn__mutex_lock(&srv->mutex);
+    int conns = srv->nconns, greeters = srv->greeters;
+    pconn__mutex_unlock(&srv->mutex);
+    json_t *o = json_pack("{s:s,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
+                          "handshakes", greeters, "handlers_busy", pconn__rpc_pool_busy(srv->cfg.pool));
+    if (o == NULL)
+        return NULL;
+    pconn__rpc_stats_json(srv->cfg.stats, o);
+    char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(o);
+    return text;
 }

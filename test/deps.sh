@@ -18,6 +18,17 @@ command -v clang >/dev/null || missing="$missing clang"
     missing="$missing libclang-rt-14-dev libfuzzer-14-dev"
 command -v cppcheck >/dev/null || missing="$missing cppcheck"  # make lint
 command -v openssl >/dev/null || missing="$missing openssl"    # the TLS catalog test
+command -v cmake >/dev/null || missing="$missing cmake"        # the install test (find_package)
+command -v groff >/dev/null || missing="$missing groff-base"   # the install test (man pages)
+command -v abidiff >/dev/null || missing="$missing abigail-tools" # make abi-check
+# `pkg-config --static --libs pconn` names libcurl's own private libraries; linking with
+# them needs their -dev packages (the install test links libpconn.a that way).
+if command -v pkg-config >/dev/null && pkg-config --exists libcurl &&
+    ! echo 'int main(void) { return 0; }' |
+        ${CC:-cc} -x c - -o /dev/null $(pkg-config --static --libs libcurl) 2>/dev/null; then
+    missing="$missing libnghttp2-dev librtmp-dev libssh2-1-dev libpsl-dev libldap-dev libzstd-dev"
+    missing="$missing libkrb5-dev libbrotli-dev libidn2-dev zlib1g-dev libssl-dev"
+fi
 [ -z "$missing" ] && exit 0
 echo "deps: installing$missing"
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi

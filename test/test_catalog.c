@@ -569,6 +569,46 @@ static void test_announcer_reregisters(void)
     CU_ASSERT_EQUAL(tetcd_count(&etcd, "/services/re/"), 0);
 }
 
+typedef struct alog_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int n;
+    char line[8][512];
+} alog_t;
+
+static void keep_alog(int level, const char *message, void *arg)
+{
+    alog_t *l = arg;
+    pthread_mutex_lock(&l->mutex);
+    if (l->n < 8)
+        snprintf(l->line[l->n++], sizeof l->line[0], "%d %s", level, message);
+    pthread_cond_broadcast(&l->cond);
+    pthread_mutex_unlock(&l->mutex);
+}
+
+/* The announcer tells its story: the lease gone (WARNING), registered again (INFO). */
+static void test_announcer_log(void)
+{
+    if (!need_etcd())
+        return;
+    alog_t log = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&log.cond);
+    pconn_announce_options_t ao = {.etcd_url = etcd.url, .key = "/services/log/1",
+                                   .address = "127.0.0.1:7401", .ttl_s = 3,
+                                   .on_log = keep_alog, .on_log_arg = &log};
+    pconn_announcer_t *a = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL_FATAL(pconn_announce_start(&ao, &a, &err), PCONN_OK);
+    CU_ASSERT_EQUAL(tetcd_revoke_all(&etcd), 1);
+    CU_ASSERT_EQUAL(test_wait_count(&log.mutex, &log.cond, &log.n, 2, WAIT_MS), 2);
+    CU_ASSERT_PTR_NOT_NULL(strstr(log.line[0], " is gone: registering again"));
+    CU_ASSERT_EQUAL(log.line[0][0], '0' + PCONN_LOG_WARNING);
+    CU_ASSERT_PTR_NOT_NULL(strstr(log.line[1], "/services/log/1 registered again under lease "));
+    CU_ASSERT_EQUAL(log.line[1][0], '0' + PCONN_LOG_INFO);
+    pconn_announce_stop(a);
+    CU_ASSERT_EQUAL(tetcd_count(&etcd, "/services/log/"), 0);
+}
+
 static const test_def_t tests[] = {
     {"json_shapes", test_json_shapes},
     {"pick_policies", test_pick_policies},
@@ -586,6 +626,7 @@ static const test_def_t tests[] = {
     {"killed_server_expires", test_killed_server_expires},
     {"etcd_restart", test_etcd_restart},
     {"announcer_reregisters", test_announcer_reregisters},
+    {"announcer_log", test_announcer_log},
     {NULL, NULL},
 };
 

@@ -12,6 +12,7 @@
 #include "pconn_resolver.h"
 #include "pconn_rpc.h"
 #include "pconn_tcp.h"
+#include "../src/rpc.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -423,42 +424,39 @@ static void test_signals_without_restart(void)
     tproc_signal(&s.rpc, SIGKILL);
 }
 
-static int h_echo(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+/* Issue 9 defect 7, at the pool: when no thread can be started, a job is refused (the
+ * caller answers the query with "no thread to run the handler"), never run here and
+ * again from the queue; once threads can be made, it runs exactly once. */
+typedef struct ran_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int n;
+} ran_t;
+
+static void count_run(void *arg)
 {
-    (void)arg, (void)err;
-    return pconn_buf_append(resp, req, len);
+    ran_t *r = arg;
+    pthread_mutex_lock(&r->mutex);
+    r->n++;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->mutex);
 }
 
-/* Issue 9 defect 7: when no handler thread can be started, the query is answered with
- * the reason at once, and run neither here nor twice. */
 static void test_no_handler_thread(void)
 {
-    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
-    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_OK);
-    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls};
-    pconn_rpc_server_t *srv = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
-    const char *list[] = {pconn_rpc_server_address(srv)};
-    pconn_rpc_options_t ro = {.base = {.server_name = "rpc", .resolver = pconn_resolver_static(list, 1)}};
-    pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&ro, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
-    atomic_store(&no_threads, true); /* the server's handler pool starts none yet */
-    pconn_buf_t resp;
-    pconn_error_t err;
-    for (int i = 0; i < 3; i++) {
-        CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, &err), PCONN_EREMOTE);
-        CU_ASSERT_STRING_EQUAL(err.message, "no thread to run the handler");
-    }
+    ran_t r = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&r.cond);
+    rpc_pool_t *pool = pconn__rpc_pool_new(4);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(pool);
+    atomic_store(&no_threads, true);
+    CU_ASSERT_EQUAL(pconn__rpc_pool_submit(pool, count_run, &r), RPC_POOL_BUSY);
     atomic_store(&no_threads, false);
-    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "y", 1, &resp, WAIT_MS, &err), PCONN_OK);
-    CU_ASSERT(resp.len == 1 && ((const char *)resp.data)[0] == 'y');
-    pconn_buf_free(&resp);
-    pconn_conn_unref(conn);
-    pconn_free(pc);
-    pconn_rpc_server_stop(srv);
-    pconn_rpc_impls_free(impls);
+    CU_ASSERT_EQUAL(r.n, 0); /* not run here */
+    CU_ASSERT_EQUAL(pconn__rpc_pool_submit(pool, count_run, &r), PCONN_OK);
+    CU_ASSERT_EQUAL(test_wait_count(&r.mutex, &r.cond, &r.n, 1, WAIT_MS), 1);
+    pconn__rpc_pool_release(pool); /* waits for the job: it ran once, not twice */
+    CU_ASSERT_EQUAL(r.n, 1);
+    pthread_cond_destroy(&r.cond);
 }
 
 static const test_def_t tests[] = {

@@ -7,6 +7,7 @@
 #include "pconn_tcp.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -531,58 +532,143 @@ static void test_dispatch_and_bind(void)
     rec_destroy(&rec);
 }
 
-/* A transport that counts the bytes it carries over plain sockets. */
+/* A transport over plain sockets that counts what it carries, has a one-byte handshake
+ * of its own (the client sends 'T'; the server waits for it, through EAGAIN), and names
+ * its peer as a verifying transport would. */
 typedef struct counting_t {
-    atomic_long opened, read, written;
+    atomic_long opened, read, written, writes;
 } counting_t;
-static counting_t counts;
+static counting_t counts, scounts;
 
-static void *ct_open(void *arg, int fd, const char *address, int64_t timeout_ms, pconn_error_t *err)
+typedef struct ct_session_t {
+    int fd, server;
+    counting_t *counts;
+} ct_session_t;
+
+static void *ct_open(void *arg, int fd, const char *address, int server, pconn_error_t *err)
 {
-    (void)address, (void)timeout_ms, (void)err;
-    atomic_fetch_add(&((counting_t *)arg)->opened, 1);
-    int *s = malloc(sizeof *s);
-    *s = fd;
+    (void)address, (void)err;
+    counting_t *c = arg;
+    atomic_fetch_add(&c->opened, 1);
+    ct_session_t *s = malloc(sizeof *s);
+    *s = (ct_session_t){fd, server, c};
     return s;
 }
-static ssize_t ct_read(void *s, void *buf, size_t len)
+static int ct_handshake(void *session, pconn_error_t *err)
 {
-    ssize_t n = recv(*(int *)s, buf, len, 0);
+    ct_session_t *s = session;
+    char b;
+    ssize_t n = s->server ? recv(s->fd, &b, 1, 0) : send(s->fd, "T", 1, MSG_NOSIGNAL);
+    if (n == 1 && (!s->server || b == 'T'))
+        return 0;
+    if (n < 0 && errno == EAGAIN)
+        return -1;
+    errno = EPROTO;
+    pconn_error_set(err, PCONN_EHANDSHAKE, 0, "no T");
+    return -1;
+}
+static ssize_t ct_read(void *session, void *buf, size_t len)
+{
+    ct_session_t *s = session;
+    ssize_t n = recv(s->fd, buf, len, 0);
     if (n > 0)
-        atomic_fetch_add(&counts.read, n);
+        atomic_fetch_add(&s->counts->read, n);
     return n;
 }
-static ssize_t ct_write(void *s, const void *buf, size_t len)
+static ssize_t ct_write(void *session, const void *buf, size_t len)
 {
-    ssize_t n = send(*(int *)s, buf, len, MSG_NOSIGNAL);
+    ct_session_t *s = session;
+    ssize_t n = send(s->fd, buf, len, MSG_NOSIGNAL);
     if (n > 0)
-        atomic_fetch_add(&counts.written, n);
+        atomic_fetch_add(&s->counts->written, n);
+    atomic_fetch_add(&s->counts->writes, 1);
     return n;
+}
+static void ct_identity(void *session, pconn_rpc_peer_t *peer)
+{
+    static const char *const sans[] = {"DNS:peer.test", "IP:127.0.0.1", NULL};
+    (void)session;
+    peer->subject = "CN=peer.test,O=pconn";
+    peer->sans = sans;
 }
 static void ct_close(void *s)
 {
     free(s);
 }
 
+static int h_subject(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)req, (void)len, (void)err;
+    const pconn_rpc_peer_t *p = pconn_rpc_handler_peer();
+    if (p == NULL || p->subject == NULL || p->sans == NULL || p->sans[0] == NULL)
+        return PCONN_EINVAL;
+    char line[256];
+    int n = snprintf(line, sizeof line, "%s %s", p->subject, p->sans[0]);
+    return pconn_buf_append(resp, line, (size_t)n);
+}
+
+typedef struct door_t {
+    atomic_bool open;
+    atomic_int asked;
+} door_t;
+
+static int let_in(const pconn_rpc_peer_t *peer, void *arg, pconn_error_t *why)
+{
+    door_t *g = arg;
+    atomic_fetch_add(&g->asked, 1);
+    if (peer->subject == NULL || strcmp(peer->subject, "CN=peer.test,O=pconn") != 0)
+        return PCONN_EINVAL;
+    if (atomic_load(&g->open))
+        return PCONN_OK;
+    pconn_error_set(why, PCONN_EINVAL, 0, "go away");
+    return PCONN_EINVAL;
+}
+
+/* A transport on both sides: its handshake, identity and byte counts; the server's
+ * authorize callback refusing with a reason, then admitting; the peer in a handler. */
 static void test_transport(void)
 {
-    static const pconn_transport_t transport = {ct_open, ct_read, ct_write, NULL, ct_close, &counts};
+    static const pconn_transport_t ct = {.open = ct_open, .handshake = ct_handshake,
+                                         .read = ct_read, .write = ct_write,
+                                         .identity = ct_identity, .close = ct_close, .arg = &counts};
+    static const pconn_transport_t sct = {.open = ct_open, .handshake = ct_handshake,
+                                          .read = ct_read, .write = ct_write,
+                                          .identity = ct_identity, .close = ct_close, .arg = &scounts};
     pconn_rpc_impls_t *impls = server_impls();
-    pconn_rpc_server_t *srv = server(impls, 0);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "subject", 1, h_subject, NULL), PCONN_OK);
+    door_t door = {0};
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .transport = &sct, .authorize = let_in, .authorize_arg = &door};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
     const char *address = pconn_rpc_server_address(srv);
     recorder_t rec;
     rec_init(&rec);
     pconn_rpc_options_t o = client_options(&rec, &address, 1);
-    o.transport = &transport;
+    o.transport = &ct;
     pconn_t *pc = NULL;
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    int i = rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS);
+    CU_ASSERT_FATAL(i >= 0);
+    char want[200];
+    snprintf(want, sizeof want, "rpc %s: handshake: refused by the peer: not authorized: go away", address);
+    CU_ASSERT_STRING_EQUAL(rec_get(&rec, i).error.message, want);
+    atomic_store(&door.open, true);
     pconn_buf_t resp;
     CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "12345", 5, &resp, WAIT_MS, NULL), PCONN_OK);
     pconn_buf_free(&resp);
-    CU_ASSERT_EQUAL(atomic_load(&counts.opened), 1);
-    /* HELLO (16) + QUERY (8 + 1 + 8 + 4 + 2 + 4 + 5) went through it, and back. */
-    CU_ASSERT_EQUAL(atomic_load(&counts.written), 16 + 32);
-    CU_ASSERT_EQUAL(atomic_load(&counts.read), 16 + 8 + 1 + 12 + 5);
+    /* Every attempt wrote its HELLO (16) through the session (the handshake byte is the
+     * session's own); the one that got in, the QUERY (8 + 1 + 8 + 4 + 2 + 4 + 5): one
+     * write per frame (issue 9, defect 11: header and data were two writes, and each
+     * call waited for Nagle behind TLS). */
+    long opened = atomic_load(&counts.opened);
+    CU_ASSERT(opened >= 2);
+    CU_ASSERT_EQUAL(atomic_load(&counts.written), 16 * opened + 32);
+    CU_ASSERT_EQUAL(atomic_load(&counts.writes), opened + 1);
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "subject", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_OK);
+    CU_ASSERT(resp.len == 34 && memcmp(resp.data, "CN=peer.test,O=pconn DNS:peer.test", 34) == 0);
+    pconn_buf_free(&resp);
+    CU_ASSERT(atomic_load(&door.asked) >= 2);
     pconn_free(pc);
     pconn_rpc_server_stop(srv);
     pconn_rpc_impls_free(impls);
@@ -1201,37 +1287,62 @@ static void test_query_flood_then_stop(void)
     free(q);
 }
 
-typedef struct flooder_t {
+/* A raw RPC peer on its own thread: accepts one connection, exchanges HELLOs, then does
+ * what `then` says with the socket until told to stop. */
+typedef struct raw_peer_t {
     int lfd;
+    char address[64];
     pthread_t thread;
-    atomic_bool sent;
-} flooder_t;
+    atomic_bool stop;
+    void (*then)(struct raw_peer_t *p, int fd);
+} raw_peer_t;
 
-/* A raw RPC server: answers the HELLO, then sends 20,000 queries and reads nothing. */
-static void *flooder_main(void *arg)
+static void *raw_peer_main(void *arg)
 {
-    flooder_t *f = arg;
-    int fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+    raw_peer_t *p = arg;
+    int fd = accept4(p->lfd, NULL, NULL, SOCK_CLOEXEC);
     unsigned char hello[16];
     if (fd >= 0 && recv(fd, hello, sizeof hello, MSG_WAITALL) == (ssize_t)sizeof hello &&
-        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) == (ssize_t)sizeof good_hello) {
-        size_t len;
-        unsigned char *q = queries(20000, &len);
-        for (size_t off = 0; off < len;) {
-            ssize_t n = send(fd, q + off, len - off, MSG_NOSIGNAL);
-            if (n <= 0)
-                break;
-            off += (size_t)n;
-        }
-        free(q);
-    }
-    atomic_store(&f->sent, true);
-    char sink[4096];
-    while (fd >= 0 && recv(fd, sink, sizeof sink, 0) > 0)
-        ;
+        send(fd, good_hello, sizeof good_hello, MSG_NOSIGNAL) == (ssize_t)sizeof good_hello)
+        p->then(p, fd);
     if (fd >= 0)
         close(fd);
     return NULL;
+}
+
+static void raw_peer_start(raw_peer_t *p, void (*then)(raw_peer_t *, int))
+{
+    pconn_error_t err;
+    *p = (raw_peer_t){.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err), .then = then};
+    CU_ASSERT_FATAL(p->lfd >= 0);
+    pconn_tcp_local_address(p->lfd, p->address, sizeof p->address);
+    pthread_create(&p->thread, NULL, raw_peer_main, p);
+}
+
+static void raw_peer_stop(raw_peer_t *p)
+{
+    atomic_store(&p->stop, true);
+    shutdown(p->lfd, SHUT_RDWR); /* ends an accept() still waiting */
+    pthread_join(p->thread, NULL);
+    close(p->lfd);
+}
+
+/* 20,000 queries, then nothing read but the end of the stream. */
+static void flood(raw_peer_t *p, int fd)
+{
+    (void)p;
+    size_t len;
+    unsigned char *q = queries(20000, &len);
+    for (size_t off = 0; off < len;) {
+        ssize_t n = send(fd, q + off, len - off, MSG_NOSIGNAL);
+        if (n <= 0)
+            break;
+        off += (size_t)n;
+    }
+    free(q);
+    char sink[4096];
+    while (recv(fd, sink, sizeof sink, 0) > 0)
+        ;
 }
 
 /* Defect 2: a client whose connection the caller still holds after pconn_free(), and
@@ -1239,17 +1350,13 @@ static void *flooder_main(void *arg)
  * went on submitting queries to the freed handler pool and table. */
 static void test_held_connection_outlives_client(void)
 {
-    pconn_error_t err;
-    flooder_t f = {.lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err)};
-    CU_ASSERT_FATAL(f.lfd >= 0);
-    char address[64];
-    pconn_tcp_local_address(f.lfd, address, sizeof address);
-    pthread_create(&f.thread, NULL, flooder_main, &f);
+    raw_peer_t f;
+    raw_peer_start(&f, flood);
     pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_OK);
     recorder_t rec;
     rec_init(&rec);
-    const char *list[] = {address};
+    const char *list[] = {f.address};
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     o.implementations = impls;
     pconn_t *pc = NULL;
@@ -1261,9 +1368,7 @@ static void test_held_connection_outlives_client(void)
     pconn_buf_t resp;
     CU_ASSERT_NOT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, NULL), PCONN_OK);
     pconn_conn_unref(conn);
-    shutdown(f.lfd, SHUT_RDWR);
-    pthread_join(f.thread, NULL);
-    close(f.lfd);
+    raw_peer_stop(&f);
     rec_destroy(&rec);
 }
 
@@ -1464,6 +1569,237 @@ static void test_emfile_does_not_spin(void)
     CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* ---- sending under a deadline (issue 9, defects 3 and 11) ------------------------- */
+
+/* A heartbeat every 20 ms and nothing read ever again: alive, but deaf. */
+static void deaf(raw_peer_t *p, int fd)
+{
+    static const unsigned char hb[9] = {0, 0, 0, 0, 0, 0, 0, 1, 2};
+    while (!atomic_load(&p->stop) && send(fd, hb, sizeof hb, MSG_NOSIGNAL) == (ssize_t)sizeof hb) {
+        struct timespec ts = {0, 20000000};
+        nanosleep(&ts, NULL); /* the heartbeat's period */
+    }
+}
+
+/* Defect 3: a call's timeout covers sending. To a peer that keeps its heartbeats coming
+ * but never reads, a 32 MiB request with a 300 ms timeout fails with PCONN_ETIMEDOUT
+ * and says so. Before: it blocked until TCP_USER_TIMEOUT (30 s) and failed with
+ * "connection closed by peer". */
+static void test_call_timeout_covers_sending(void)
+{
+    pconn_error_t err;
+    raw_peer_t d;
+    raw_peer_start(&d, deaf);
+    const char *address = d.address;
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {address};
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
+    o.max_message_size = 64 << 20;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    size_t big = 32u << 20;
+    char *req = calloc(1, big);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, req, big, &resp, 300, &err), PCONN_ETIMEDOUT);
+    char want[200];
+    snprintf(want, sizeof want, "rpc %s: echo version 1: could not send within 300 ms", address);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, want));
+    /* Half a frame went out: the connection is closed, and says why. */
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, WAIT_MS, &err), PCONN_EIO);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "a request left half-sent after 300 ms: the peer does not read"));
+    free(req);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    raw_peer_stop(&d);
+    rec_destroy(&rec);
+}
+
+/* ---- pipelining for one thread: pconn_rpc_call_many ----------------------------- */
+
+/* 16 calls in one batch through a counting transport: one write carries them all, and
+ * each gets its own answer. */
+static void test_call_many_one_write(void)
+{
+    static const pconn_transport_t ct = {.open = ct_open, .handshake = ct_handshake,
+                                         .read = ct_read, .write = ct_write, .close = ct_close,
+                                         .arg = &counts};
+    static const pconn_transport_t sct = {.open = ct_open, .handshake = ct_handshake,
+                                          .read = ct_read, .write = ct_write, .close = ct_close,
+                                          .arg = &scounts};
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .transport = &sct};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.transport = &ct;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_rpc_call_t calls[16];
+    char reqs[16][16];
+    for (int i = 0; i < 16; i++) {
+        int n = snprintf(reqs[i], sizeof reqs[i], "call %d", i);
+        calls[i] = (pconn_rpc_call_t){.name = "echo", .version = 1, .req = reqs[i], .req_len = (size_t)n};
+    }
+    long writes = atomic_load(&counts.writes);
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 16, WAIT_MS), PCONN_OK);
+    CU_ASSERT_EQUAL(atomic_load(&counts.writes) - writes, 1);
+    for (int i = 0; i < 16; i++) {
+        CU_ASSERT_EQUAL(calls[i].status, PCONN_OK);
+        CU_ASSERT(calls[i].resp.len == strlen(reqs[i]) && memcmp(calls[i].resp.data, reqs[i], calls[i].resp.len) == 0);
+        pconn_buf_free(&calls[i].resp);
+    }
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, NULL, 0, WAIT_MS), PCONN_OK);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+}
+
+/* Each call has its own outcome: not sent (bad name), refused by the handler, no answer
+ * in time, answered; the batch returns the first failure in order. */
+static void test_call_many_outcomes(void)
+{
+    fixture_t f;
+    setup(&f);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(f.pc, WAIT_MS, &conn), PCONN_OK);
+    gate_set(false);
+    pconn_rpc_call_t calls[4] = {
+        {.name = "echo", .version = 1, .req = "a", .req_len = 1},
+        {.name = "", .version = 1},
+        {.name = "fail", .version = 1, .req = "7", .req_len = 1},
+        {.name = "slow", .version = 1, .req = "s", .req_len = 1},
+    };
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 4, 300), PCONN_EINVAL);
+    CU_ASSERT_EQUAL(calls[0].status, PCONN_OK);
+    CU_ASSERT(calls[0].resp.len == 1 && ((const char *)calls[0].resp.data)[0] == 'a');
+    CU_ASSERT_EQUAL(calls[1].status, PCONN_EINVAL);
+    CU_ASSERT_STRING_EQUAL(calls[1].err.message, "pconn_rpc_call: name of 0 bytes (1-255)");
+    CU_ASSERT_EQUAL(calls[2].status, PCONN_EREMOTE);
+    CU_ASSERT_STRING_EQUAL(calls[2].err.message, "account 7 is locked");
+    CU_ASSERT_EQUAL(calls[3].status, PCONN_ETIMEDOUT);
+    CU_ASSERT_PTR_NOT_NULL(strstr(calls[3].err.message, "slow version 1: no answer within 300 ms"));
+    CU_ASSERT_PTR_NULL(calls[3].resp.data);
+    gate_set(true); /* lets the handler go */
+    for (int i = 0; i < 4; i++)
+        pconn_buf_free(&calls[i].resp);
+    pconn_conn_unref(conn);
+    teardown(&f);
+}
+
+/* ---- observability ---------------------------------------------------------------- */
+
+typedef struct log_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int n;
+    int level[16];
+    char line[16][512];
+} log_t;
+
+static void keep_log(int level, const char *message, void *arg)
+{
+    log_t *l = arg;
+    pthread_mutex_lock(&l->mutex);
+    if (l->n < 16) {
+        l->level[l->n] = level;
+        snprintf(l->line[l->n], sizeof l->line[l->n], "%s", message);
+        l->n++;
+    }
+    pthread_cond_broadcast(&l->cond);
+    pthread_mutex_unlock(&l->mutex);
+}
+
+static json_int_t jint(json_t *o, const char *path1, const char *path2)
+{
+    json_t *v = json_object_get(o, path1);
+    if (path2 != NULL)
+        v = json_object_get(v, path2);
+    return json_integer_value(v);
+}
+
+/* pconn_stats_json() of an RPC pconn and pconn_rpc_server_stats_json(): counters that
+ * add up, parsed by a JSON parser; the server's log tells of a peer it rejected. */
+static void test_stats_json_and_server_log(void)
+{
+    log_t log = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&log.cond);
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .handshake_timeout_ms = 5000, .on_log = keep_log, .on_log_arg = &log};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "abcd", 4, &resp, WAIT_MS, NULL), PCONN_OK);
+        pconn_buf_free(&resp);
+    }
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "nosuch", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_EUNIMPLEMENTED);
+    char *text = pconn_stats_json(pc);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    json_error_t jerr;
+    json_t *js = json_loads(text, 0, &jerr);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(js);
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(js, "server_name")), "rpc");
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(js, "state")), "connected");
+    CU_ASSERT_EQUAL(jint(js, "connects", NULL), 1);
+    CU_ASSERT_TRUE(json_is_null(json_object_get(js, "last_error")));
+    CU_ASSERT_EQUAL(jint(js, "rpc", "calls"), 4);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "answered"), 3);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "in_flight"), 0);
+    CU_ASSERT_EQUAL(jint(json_object_get(js, "rpc"), "errors", "PCONN_EUNIMPLEMENTED"), 1);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "bytes_in"), 12);
+    json_int_t answers = 0;
+    json_t *lat = json_object_get(json_object_get(js, "rpc"), "latency_us"), *bucket;
+    size_t k;
+    json_array_foreach(lat, k, bucket)
+        answers += json_integer_value(json_array_get(bucket, 1));
+    CU_ASSERT_EQUAL(answers, 3);
+    json_decref(js);
+    free(text);
+
+    text = pconn_rpc_server_stats_json(srv);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    js = json_loads(text, 0, &jerr);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(js);
+    CU_ASSERT_EQUAL(jint(js, "connections", NULL), 1);
+    CU_ASSERT_EQUAL(jint(js, "handlers_busy", NULL), 0);
+    CU_ASSERT_EQUAL(jint(js, "rpc", "served"), 3);
+    json_decref(js);
+    free(text);
+
+    /* A peer that speaks HTTP: rejected, and the log says who and why. */
+    static const unsigned char bad[] = {0, 0, 0, 0, 0, 0, 0, 8, 1, 'H', 'T', 'T', 'P', 1, 0, 1};
+    unsigned char in[256];
+    raw_exchange(address, bad, sizeof bad, in, sizeof in);
+    CU_ASSERT_EQUAL(test_wait_count(&log.mutex, &log.cond, &log.n, 1, WAIT_MS), 1);
+    CU_ASSERT_EQUAL(log.level[0], PCONN_LOG_WARNING);
+    CU_ASSERT_PTR_NOT_NULL(strstr(log.line[0], "rejected: rpc "));
+    CU_ASSERT_PTR_NOT_NULL(strstr(log.line[0], "handshake: bad magic number 0x48545450"));
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+    CU_ASSERT_PTR_NULL(pconn_stats_json(NULL));
+    CU_ASSERT_PTR_NULL(pconn_rpc_server_stats_json(NULL));
+}
+
 static const test_def_t tests[] = {
     {"echo_sizes", test_echo_sizes},
     {"over_the_limit", test_over_the_limit},
@@ -1494,6 +1830,10 @@ static const test_def_t tests[] = {
     {"stop_with_silent_peer", test_stop_with_silent_peer},
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
+    {"call_timeout_covers_sending", test_call_timeout_covers_sending},
+    {"call_many_one_write", test_call_many_one_write},
+    {"call_many_outcomes", test_call_many_outcomes},
+    {"stats_json_and_server_log", test_stats_json_and_server_log},
     {"heartbeat_forever", test_heartbeat_forever},
     {"bad_options", test_bad_options},
     {NULL, NULL},

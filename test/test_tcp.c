@@ -6,6 +6,7 @@
 #include "pconn_tcp.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -849,6 +850,36 @@ static void test_static_addresses_checked(void)
     pconn_free(pc);
 }
 
+/* pconn_stats_json() of a TCP pconn that cannot connect: parsed by a JSON parser. */
+static void test_stats_json(void)
+{
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_HOLD), 0);
+    char dead[128];
+    snprintf(dead, sizeof dead, "%s", s.address);
+    tserver_stop(&s); /* nothing listens there now */
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_t *pc = client_to(&rec, dead, NULL);
+    CU_ASSERT_FATAL(rec_wait_kind(&rec, PCONN_EVENT_FAILED_TO_CONNECT, 0, WAIT_MS) >= 0);
+    char *text = pconn_stats_json(pc);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    json_error_t jerr;
+    json_t *o = json_loads(text, 0, &jerr);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(o);
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(o, "server_name")), "tcp");
+    CU_ASSERT(json_integer_value(json_object_get(o, "failures")) >= 1);
+    CU_ASSERT_EQUAL(json_integer_value(json_object_get(o, "connects")), 0);
+    json_t *last = json_object_get(o, "last_error");
+    CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(last, "code")), "PCONN_ECONNECT");
+    CU_ASSERT_PTR_NOT_NULL(strstr(json_string_value(json_object_get(last, "message")), dead));
+    CU_ASSERT_PTR_NULL(json_object_get(o, "rpc"));
+    json_decref(o);
+    free(text);
+    pconn_free(pc);
+    rec_destroy(&rec);
+}
+
 static const test_def_t tests[] = {
     {"line_client_sample", test_line_client_sample},
     {"connect_and_echo", test_connect_and_echo},
@@ -873,6 +904,7 @@ static const test_def_t tests[] = {
     {"local_address_unnamed", test_local_address_unnamed},
     {"listen_errors", test_listen_errors},
     {"static_addresses_checked", test_static_addresses_checked},
+    {"stats_json", test_stats_json},
     {"fork_child_inherits_dead_handle", test_fork_child_inherits_dead_handle},
     {NULL, NULL},
 };
