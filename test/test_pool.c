@@ -507,6 +507,71 @@ static void test_leak_event(void)
     tserver_stop(&s);
 }
 
+/* ---- exclusive use under contention ---------------------------------------------- */
+
+#define EX_THREADS 16
+#define EX_ROUNDS 200
+
+typedef struct ex_t {
+    pconn_pool_t *pool;
+    atomic_int *holders; /* by fd: threads holding that connection now */
+    atomic_int *violations;
+    int seed;
+} ex_t;
+
+static void *exclusive_thread(void *arg)
+{
+    ex_t *x = arg;
+    for (int i = 0; i < EX_ROUNDS; i++) {
+        pconn_conn_t *c = NULL;
+        if (pconn_pool_acquire(x->pool, WAIT_MS, &c) != PCONN_OK) {
+            atomic_fetch_add(x->violations, 1);
+            continue;
+        }
+        int fd = pconn_tcp_fd(c);
+        if (fd < 0 || fd >= 4096 || atomic_fetch_add(&x->holders[fd], 1) != 0)
+            atomic_fetch_add(x->violations, 1);
+        sched_yield();
+        if (fd >= 0 && fd < 4096)
+            atomic_fetch_sub(&x->holders[fd], 1);
+        pconn_pool_release(x->pool, c, (i + x->seed) % 50 == 0); /* now and then broken */
+    }
+    return NULL;
+}
+
+/* 16 threads on 4 connections: each connection is held by one thread at a time, every
+ * acquire succeeds, broken ones are replaced on the way. */
+static void test_exclusive_under_contention(void)
+{
+    penv_t e;
+    penv_init(&e);
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_HOLD), 0);
+    const char *addr[] = {s.address};
+    pconn_pool_options_t o = pool_opts(&e, "ex", addr, 1, 4);
+    CU_ASSERT_EQUAL_FATAL(pconn_pool_create(&o, &e.pool), PCONN_OK);
+    static atomic_int holders[4096];
+    atomic_int violations = 0;
+    ex_t x[EX_THREADS];
+    pthread_t t[EX_THREADS];
+    for (int i = 0; i < EX_THREADS; i++) {
+        x[i] = (ex_t){.pool = e.pool, .holders = holders, .violations = &violations, .seed = i * 7};
+        pthread_create(&t[i], NULL, exclusive_thread, &x[i]);
+    }
+    for (int i = 0; i < EX_THREADS; i++)
+        pthread_join(t[i], NULL);
+    CU_ASSERT_EQUAL(atomic_load(&violations), 0);
+    pconn_pool_stats_t st;
+    pconn_pool_stats(e.pool, &st);
+    CU_ASSERT_EQUAL(st.acquired, EX_THREADS * EX_ROUNDS);
+    CU_ASSERT_EQUAL(st.released_broken, EX_THREADS * EX_ROUNDS / 50);
+    CU_ASSERT_EQUAL(st.in_use, 0);
+    CU_ASSERT_EQUAL(st.waiting, 0);
+    CU_ASSERT_EQUAL(st.timeouts, 0);
+    penv_destroy(&e);
+    tserver_stop(&s);
+}
+
 /* ---- close and free under waiters -------------------------------------------------- */
 
 typedef struct blocked_t {
@@ -797,6 +862,7 @@ static const test_def_t tests[] = {
     {"health_check_fails", test_health_check_fails},
     {"lifetime_and_idle", test_lifetime_and_idle},
     {"leak_event", test_leak_event},
+    {"exclusive_under_contention", test_exclusive_under_contention},
     {"close_under_waiters", test_close_under_waiters},
     {"free_under_waiters", test_free_under_waiters},
     {"option_ranges", test_option_ranges},
