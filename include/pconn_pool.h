@@ -135,8 +135,10 @@ int pconn_pool_create(const pconn_pool_options_t *opts, pconn_pool_t **out);
  * PCONN_ENOMEM when a wait cannot be set up. timeout_ms bounds the waiting; a health
  * check is user code run outside it, so a slow check can make acquire return later.
  * A slot holds one connection at a time: one that reconnected while its previous
- * connection is still held is handed out after that one is released. Any thread but
- * the pool's own callbacks (a slot cannot connect while its own callback waits). */
+ * connection is still held is handed out after that one is released. Any thread; from
+ * one of the pool's own callbacks (a slot's on_event, on_leak) it never waits: a free
+ * connection, or PCONN_EINVAL at once where it would have to wait (the slot whose worker
+ * runs the callback could not connect meanwhile). */
 int pconn_pool_acquire(pconn_pool_t *pool, int64_t timeout_ms, pconn_conn_t **out);
 
 /* Hands conn back and drops the caller's reference. broken != 0: the caller saw it fail
@@ -152,7 +154,8 @@ void pconn_pool_release(pconn_pool_t *pool, pconn_conn_t *conn, int broken);
 /* Starts closing: acquire answers PCONN_ECLOSED from now on and threads blocked in it
  * wake with PCONN_ECLOSED; every slot closes (held connections too, so their holders'
  * I/O fails). Waits up to timeout_ms for the slots to finish. PCONN_OK, or
- * PCONN_ETIMEDOUT. Any thread except the pool's own callbacks. */
+ * PCONN_ETIMEDOUT. Any thread; from one of the pool's own callbacks (a slot's on_event,
+ * on_leak) it starts close and returns PCONN_OK at once. */
 int pconn_pool_close(pconn_pool_t *pool, int64_t timeout_ms);
 
 /* Closes the pool, waits for every slot and the monitor, and frees the pool and the
@@ -160,7 +163,9 @@ int pconn_pool_close(pconn_pool_t *pool, int64_t timeout_ms);
  * pconn_pool_stats()) when it starts return PCONN_ECLOSED, and the memory is freed only
  * after the last of them has left. Connections still held stay valid (closed) until
  * their holders drop them with pconn_conn_unref(). A call on pool that starts after this
- * returned is a use after free. Any thread except the pool's own callbacks. */
+ * returned is a use after free. Any thread except the pool's own callbacks (on_event,
+ * on_leak, health_check): there it would wait for itself; close from there and free
+ * elsewhere. */
 void pconn_pool_free(pconn_pool_t *pool);
 
 /* Fills *out with a consistent snapshot of the pool's counters. Any thread. */

@@ -73,6 +73,10 @@ struct pconn_pool_t {
     atomic_uint inside;
 };
 
+/* The pool whose callback (a slot's on_event, on_leak) runs on this thread: waiting
+ * there could wait for the very slot whose worker is held up, so such calls never wait. */
+static _Thread_local const pconn_pool_t *tl_callback_pool;
+
 /* ---- small helpers --------------------------------------------------------------- */
 
 static void lock_in(pconn_pool_t *pool)
@@ -220,8 +224,12 @@ static void slot_on_event(const pconn_event_t *ev, void *arg)
         pconn__mutex_unlock(&pool->mutex);
         pconn_conn_unref(old); /* a holder keeps its own reference */
     }
-    if (pool->on_event != NULL)
+    if (pool->on_event != NULL) {
+        const pconn_pool_t *outer = tl_callback_pool;
+        tl_callback_pool = pool;
         pool->on_event(ev, pool->on_event_arg);
+        tl_callback_pool = outer;
+    }
 }
 
 /* ---- the leak monitor ------------------------------------------------------------ */
@@ -254,8 +262,11 @@ static void *monitor_main(void *arg)
                                       .acquired_ns = leaked->acquired_ns};
             pconn_conn_ref(leak.conn);
             pconn__mutex_unlock(&pool->mutex);
-            if (pool->on_leak != NULL)
+            if (pool->on_leak != NULL) {
+                tl_callback_pool = pool;
                 pool->on_leak(&leak, pool->on_leak_arg);
+                tl_callback_pool = NULL;
+            }
             pconn_conn_unref(leak.conn);
             pconn__mutex_lock(&pool->mutex);
             continue;
@@ -559,6 +570,10 @@ int pconn_pool_acquire(pconn_pool_t *pool, int64_t timeout_ms, pconn_conn_t **ou
                 pool->stats.timeouts++;
                 break;
             }
+            if (tl_callback_pool == pool) { /* one of pool's callbacks: never waits */
+                rc = PCONN_EINVAL;
+                break;
+            }
             if (start == 0) {
                 start = pconn__mono_ns();
                 deadline = pconn__deadline_ns(timeout_ms);
@@ -677,7 +692,7 @@ int pconn_pool_close(pconn_pool_t *pool, int64_t timeout_ms)
             pconn_close(pool->slots[i].pc, 0); /* starts every close before waiting */
     }
     int rc = PCONN_OK;
-    for (unsigned i = 0; i < pool->size; i++) {
+    for (unsigned i = 0; tl_callback_pool != pool && i < pool->size; i++) {
         if (pool->slots[i].pc == NULL)
             continue;
         int64_t left = PCONN_FOREVER;

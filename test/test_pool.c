@@ -572,6 +572,74 @@ static void test_exclusive_under_contention(void)
     tserver_stop(&s);
 }
 
+/* ---- calls from the pool's own callbacks ------------------------------------------ */
+
+typedef struct cb_t {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    pconn_pool_t *pool;
+    int first, second, close_rc;
+    bool done;
+} cb_t;
+
+static void cb_on_event(const pconn_event_t *ev, void *arg)
+{
+    cb_t *x = arg;
+    if (ev->kind != PCONN_EVENT_CONNECTED)
+        return;
+    pthread_mutex_lock(&x->mutex);
+    while (x->pool == NULL) /* set by the test once create returned */
+        pthread_cond_wait(&x->cond, &x->mutex);
+    pthread_mutex_unlock(&x->mutex);
+    pconn_conn_t *a = NULL, *b = NULL;
+    int first = pconn_pool_acquire(x->pool, PCONN_FOREVER, &a);  /* free now: taken */
+    int second = pconn_pool_acquire(x->pool, PCONN_FOREVER, &b); /* would wait: refused */
+    pconn_pool_release(x->pool, a, 0);
+    int close_rc = pconn_pool_close(x->pool, PCONN_FOREVER); /* starts close, no wait */
+    pthread_mutex_lock(&x->mutex);
+    x->first = first;
+    x->second = second;
+    x->close_rc = close_rc;
+    x->done = true;
+    pthread_cond_broadcast(&x->cond);
+    pthread_mutex_unlock(&x->mutex);
+}
+
+static void test_calls_from_callbacks(void)
+{
+    penv_t e;
+    penv_init(&e);
+    cb_t x = {.first = -1, .second = -1, .close_rc = -1};
+    pthread_mutex_init(&x.mutex, NULL);
+    test_cond_init(&x.cond);
+    tserver_t s;
+    CU_ASSERT_EQUAL_FATAL(tserver_start(&s, "127.0.0.1:0", SERVER_HOLD), 0);
+    const char *addr[] = {s.address};
+    pconn_pool_options_t o = pool_opts(&e, "cb", addr, 1, 1);
+    o.base.on_event = cb_on_event;
+    o.base.on_event_arg = &x;
+    pconn_pool_t *pool = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_pool_create(&o, &pool), PCONN_OK);
+    pthread_mutex_lock(&x.mutex);
+    x.pool = pool;
+    pthread_cond_broadcast(&x.cond);
+    struct timespec dl = test_deadline(WAIT_MS);
+    while (!x.done && pthread_cond_timedwait(&x.cond, &x.mutex, &dl) == 0)
+        ;
+    pthread_mutex_unlock(&x.mutex);
+    CU_ASSERT(x.done);
+    CU_ASSERT_EQUAL(x.first, PCONN_OK);
+    CU_ASSERT_EQUAL(x.second, PCONN_EINVAL);
+    CU_ASSERT_EQUAL(x.close_rc, PCONN_OK);
+    pconn_conn_t *c = NULL;
+    CU_ASSERT_EQUAL(pconn_pool_acquire(pool, 0, &c), PCONN_ECLOSED);
+    pconn_pool_free(pool);
+    pthread_cond_destroy(&x.cond);
+    pthread_mutex_destroy(&x.mutex);
+    penv_destroy(&e);
+    tserver_stop(&s);
+}
+
 /* ---- close and free under waiters -------------------------------------------------- */
 
 typedef struct blocked_t {
@@ -863,6 +931,7 @@ static const test_def_t tests[] = {
     {"lifetime_and_idle", test_lifetime_and_idle},
     {"leak_event", test_leak_event},
     {"exclusive_under_contention", test_exclusive_under_contention},
+    {"calls_from_callbacks", test_calls_from_callbacks},
     {"close_under_waiters", test_close_under_waiters},
     {"free_under_waiters", test_free_under_waiters},
     {"option_ranges", test_option_ranges},
