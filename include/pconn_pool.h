@@ -57,7 +57,8 @@ typedef struct pconn_pool_leak_t {
 typedef struct pconn_pool_options_t {
     /* Every slot's options: server_name (required; slot k is named "server_name#k"),
      * resolver (required; owned by the pool from create on, freed by it even when create
-     * fails; the slots' calls to it are serialized, so it needs no locking of its own),
+     * fails; the slots' calls to it are serialized, so it needs no locking of its own,
+     * and slots that reconnect together ask it one after the other),
      * connect (required; called by several slots' workers at once: it must be
      * thread-safe for connect_arg, as pconn_tcp_connect is), connect_arg (not owned),
      * on_event (events of every slot, server_name "name#k"; called on the slot's worker),
