@@ -147,7 +147,8 @@ demo: deps
 	samples/demo-catalog.sh $(B)
 
 bench-build: $(BENCH_BINS)
-bench: deps
+bench:
+	@test/deps.sh bench
 	@$(MAKE) --no-print-directory bench-build
 	test/bench/run.sh $(B)
 

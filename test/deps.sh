@@ -21,6 +21,8 @@ command -v openssl >/dev/null || missing="$missing openssl"    # the TLS catalog
 command -v cmake >/dev/null || missing="$missing cmake"        # the install test (find_package)
 command -v groff >/dev/null || missing="$missing groff-base"   # the install test (man pages)
 command -v abidiff >/dev/null || missing="$missing abigail-tools" # make abi-check
+# `make bench` only (test/deps.sh bench): the charts of docs/BENCHMARKS.md.
+[ "${1:-}" = bench ] && ! command -v gnuplot >/dev/null && missing="$missing gnuplot-nox"
 # `pkg-config --static --libs pconn` names libcurl's own private libraries; linking with
 # them needs their -dev packages (the install test links libpconn.a that way).
 if command -v pkg-config >/dev/null && pkg-config --exists libcurl &&

@@ -50,4 +50,29 @@ static inline void bench_report(const char *name, double value, const char *unit
     }
 }
 
+/* For the charts: a file of the data directory ($PCONN_BENCH_DATA) to write, or NULL
+ * when none is asked for. */
+static inline FILE *bench_data(const char *name)
+{
+    const char *dir = getenv("PCONN_BENCH_DATA");
+    if (dir == NULL)
+        return NULL;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return fopen(path, "w");
+}
+
+/* Writes the distributions of sorted samples a and b (ns) as percentile, a_us, b_us. */
+static inline void bench_data_cdf(const char *name, const int64_t *a, const int64_t *b, size_t n)
+{
+    FILE *f = bench_data(name);
+    if (f == NULL)
+        return;
+    for (int p = 0; p <= 1000; p++) {
+        size_t i = (size_t)((double)p / 1000.0 * (double)(n - 1));
+        fprintf(f, "%.1f %.2f %.2f\n", p / 10.0, (double)a[i] / 1000, (double)b[i] / 1000);
+    }
+    fclose(f);
+}
+
 #endif

@@ -289,7 +289,8 @@ static void bench_reconnect(void)
         close(lfd);
     }
     double median = bench_percentile(lib, CYCLES, 50), p99 = bench_percentile(lib, CYCLES, 99);
-    double loop = bench_percentile(hand, CYCLES, 50);
+    double loop = bench_percentile(hand, CYCLES, 50); /* bench_percentile sorts: a CDF now */
+    bench_data_cdf("reconnect_latency.dat", lib, hand, CYCLES);
     double no_opts = bench_percentile(bare, CYCLES, 50);
     double base = bare_connect_accept(CYCLES);
     sched_setaffinity(0, sizeof all, &all);
@@ -638,6 +639,11 @@ static void bench_spread(void)
         lo = d < lo ? d : lo;
         hi = d > hi ? d : hi;
     }
+    FILE *f = bench_data("retry_spread.dat");
+    for (int b = 0; f != NULL && b < 50; b++)
+        fprintf(f, "%d %d\n", b * 100 + 50, buckets[b]);
+    if (f != NULL)
+        fclose(f);
     printf("retry_spread: %d retries in 5 s; busiest 100 ms bucket %d, mean %.1f; first retries "
            "after %.0f..%.0f ms\n", in_window, peak, mean, lo, hi);
     bench_report("retry_spread_peak_bucket", peak, "attempts", mean,

@@ -166,6 +166,8 @@ static void bench_roundtrip(void)
     }
     double med = bench_percentile(lat, ROUNDS, 50), p99 = bench_percentile(lat, ROUNDS, 99);
     rig_down(&r);
+    int64_t *rpc_lat = malloc(ROUNDS * sizeof *rpc_lat);
+    memcpy(rpc_lat, lat, ROUNDS * sizeof *rpc_lat); /* sorted by bench_percentile */
 
     pthread_t echoer;
     int fd = raw_pair(&echoer);
@@ -174,6 +176,8 @@ static void bench_roundtrip(void)
     close(fd);
     pthread_join(echoer, NULL);
     double raw_med = bench_percentile(lat, ROUNDS, 50), raw_p99 = bench_percentile(lat, ROUNDS, 99);
+    bench_data_cdf("rpc_roundtrip.dat", rpc_lat, lat, ROUNDS);
+    free(rpc_lat);
     free(lat);
     double zmq = zmq_median(ROUNDS);
 
