@@ -46,11 +46,12 @@ typedef enum {
 typedef enum { PCONN_PICK_ROUND_ROBIN, PCONN_PICK_RANDOM, PCONN_PICK_FIRST } pconn_pick_t;
 
 typedef struct pconn_http_catalog_options_t {
-    const char *url; /* json: the document; etcd, consul: base URL, e.g. http://127.0.0.1:2379 */
+    const char *url; /* json: the document; etcd, consul: base URL, e.g. http://127.0.0.1:2379;
+                        a comma-separated list for a cluster's members (or mirrors) */
     pconn_catalog_format_t format;
     const char *key;                /* etcd: key prefix; consul: service name */
     pconn_pick_t pick;
-    int64_t timeout_ms;             /* whole request, connect included; 0: 2 s */
+    int64_t timeout_ms;             /* the whole lookup, every member tried; 0: 2 s */
     size_t max_response_bytes;      /* 0: 1 MiB; larger answers fail while arriving */
     const char *bearer_token;       /* NULL: none; sent as "Authorization: Bearer ..." */
     const char *ca_file;            /* NULL: the system's CA store; TLS is always verified */
@@ -63,13 +64,20 @@ typedef struct pconn_http_catalog_options_t {
  * "host:port" string; instances that are not valid are skipped. Every failure is
  * PCONN_ERESOLVE with a message naming the URL and the cause (refused, timed out, HTTP
  * status, not JSON, wrong shape, no instances, bad host or port, answer too big).
- * Strings in opts are copied. NULL with errno EINVAL on bad options. */
+ * With several URLs (an etcd cluster's members, Consul agents), a lookup asks the member
+ * that answered last, then the others in turn, each within a fair share of what is left
+ * of timeout_ms; a member that cannot be reached or answers 5xx (etcd without a quorum)
+ * passes the turn. When all fail, the error names each member and its cause ("catalog:
+ * every member failed: URL: cause; URL: cause ..."). Strings in opts are copied. NULL with
+ * errno EINVAL on bad options (an empty or non-http(s) item in the list among them). */
 pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts);
 
 /* ---- Announcing a server in etcd ----------------------------------------------------- */
 
 typedef struct pconn_announce_options_t {
-    const char *etcd_url; /* e.g. http://127.0.0.1:2379 */
+    const char *etcd_url; /* e.g. http://127.0.0.1:2379; or a comma-separated list of the
+                             cluster's members: the lease is granted, kept alive and
+                             revoked through any live one (at most 16) */
     const char *key;      /* full key of this instance, e.g. /services/echo/7001 */
     const char *address;  /* what clients should connect to: "host:port" */
     int ttl_s;            /* 0: 10; etcd may raise a very small TTL to its minimum */

@@ -14,6 +14,7 @@
 #define MAX_ANSWER_BYTES (64 * 1024)
 #define RETRY_MS 500 /* while etcd is unreachable */
 #define STOP_BOUND_MS 2000 /* pconn_announce_stop(), revoke included */
+#define ANNOUNCE_MEMBERS_MAX 16
 
 struct pconn_announcer_t {
     pthread_t thread;
@@ -22,6 +23,8 @@ struct pconn_announcer_t {
     bool stop;           /* guarded by mutex */
     pconn__http_t http;  /* the thread's alone once it runs */
     char *base;          /* etcd URL without a trailing '/' */
+    char **bases;        /* the members' base URLs */
+    size_t nbases, last; /* last: the member that answered last (the thread's, then stop's) */
     char *key_b64, *value_b64;
     int ttl_s;
     char lease[32];      /* the lease ID as etcd writes it, "" when none */
@@ -34,17 +37,31 @@ struct pconn_announcer_t {
 
 /* POSTs body to base+path and parses the JSON answer. PCONN_EUNIMPLEMENTED when the
  * gateway has no such route (an older or newer etcd). */
+static bool member_failed(long status)
+{
+    return status >= 500; /* a member without a quorum, or in trouble: try another */
+}
+
 static int etcd_call(pconn_announcer_t *a, const char *path, const char *body, json_t **out,
                      pconn_error_t *err)
 {
-    char url[600];
-    snprintf(url, sizeof url, "%s%s", a->base, path);
+    /* Any live member of the cluster will do: the one that answered last first. Within
+     * the request timeout (or what stop has left of its bound: budget()). */
+    char *urls[ANNOUNCE_MEMBERS_MAX];
+    char buf[ANNOUNCE_MEMBERS_MAX][600];
+    for (size_t i = 0; i < a->nbases; i++) {
+        snprintf(buf[i], sizeof buf[i], "%s%s", a->bases[i], path);
+        urls[i] = buf[i];
+    }
     pconn__http_reply_t reply;
     *out = NULL;
-    if (pconn__http_request(&a->http, url, body, &reply, err) != PCONN_OK) {
+    if (pconn__http_request_any(&a->http, urls, a->nbases, &a->last, body,
+                                pconn__deadline_ns(a->http.timeout_ms), member_failed, &reply,
+                                err) != PCONN_OK) {
         err->code = PCONN_ECONNECT;
         return PCONN_ECONNECT;
     }
+    const char *url = urls[a->last];
     int rc = PCONN_OK;
     json_t *root = json_loadb(reply.body, reply.len, 0, NULL);
     if (reply.status == 404 && reply.len == 0) {
@@ -207,6 +224,7 @@ static void destroy(pconn_announcer_t *a)
 {
     pconn__http_cleanup(&a->http);
     free(a->base);
+    pconn__http_url_list_free(a->bases, a->nbases);
     free(a->key_b64);
     free(a->key);
     free(a->value_b64);
@@ -236,21 +254,37 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
     if (out != NULL)
         *out = NULL;
     pconn__addr_t parsed;
-    if (opts == NULL || out == NULL || !pconn__http_url_ok(opts->etcd_url) || opts->key == NULL ||
-        opts->key[0] == '\0' || opts->ttl_s < 0 || strlen(opts->etcd_url) > 400) {
+    if (opts == NULL || out == NULL || opts->etcd_url == NULL || opts->key == NULL ||
+        opts->key[0] == '\0' || opts->ttl_s < 0 || strlen(opts->etcd_url) > 4000) {
         pconn_error_set(err, PCONN_EINVAL, 0, "pconn_announce_start: bad options");
         return PCONN_EINVAL;
     }
     if (pconn__address_parse(opts->address, false, &parsed, err) != PCONN_OK)
         return PCONN_EINVAL;
+    size_t nbases;
+    char bad[128];
+    char **bases = pconn__http_url_list(opts->etcd_url, &nbases, bad, sizeof bad);
+    if (bases == NULL || nbases > ANNOUNCE_MEMBERS_MAX) {
+        pconn__http_url_list_free(bases, nbases);
+        if (bases != NULL)
+            pconn_error_set(err, PCONN_EINVAL, 0, "pconn_announce_start: more than %d etcd members",
+                            ANNOUNCE_MEMBERS_MAX);
+        else
+            pconn_error_set(err, PCONN_EINVAL, 0, "pconn_announce_start: etcd URL %s: not http:// or https://",
+                            bad);
+        return PCONN_EINVAL;
+    }
 
     pconn_announcer_t *a = calloc(1, sizeof *a);
     if (a == NULL || pthread_mutex_init(&a->mutex, NULL) != 0) {
         free(a);
+        pconn__http_url_list_free(bases, nbases);
         pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_announce_start");
         return PCONN_ENOMEM;
     }
     pconn__cond_init(&a->cond);
+    a->bases = bases;
+    a->nbases = nbases;
     a->ttl_s = opts->ttl_s > 0 ? opts->ttl_s : DEFAULT_TTL_S;
     size_t blen = strlen(opts->etcd_url);
     while (blen > 0 && opts->etcd_url[blen - 1] == '/')

@@ -55,6 +55,21 @@ PCONN_HIDDEN void pconn__http_cleanup(pconn__http_t *h);
  * naming url. Free reply->body. */
 PCONN_HIDDEN int pconn__http_request(pconn__http_t *h, const char *url, const char *post_body,
                                      pconn__http_reply_t *reply, pconn_error_t *err);
+/* A comma-separated list of base URLs (one URL is a list of one): each http:// or
+ * https://, no empty item. A malloc'd array of n malloc'd strings (trailing '/'
+ * removed), or NULL with *bad naming the first bad item (its first 100 bytes). */
+PCONN_HIDDEN char **pconn__http_url_list(const char *list, size_t *n, char *bad, size_t bad_size);
+PCONN_HIDDEN void pconn__http_url_list_free(char **urls, size_t n);
+/* The same request to a set of members of one service (etcd cluster members, Consul
+ * agents): the one that answered last (*last) first, then the others in turn, each
+ * within a fair share of what is left until deadline_ns. A member fails when it cannot
+ * be reached or answers with a status for which member_failed(status) is true; then the
+ * next is tried. PCONN_OK with the first good *reply (*last updated); otherwise the
+ * error names every member and its cause; PCONN_ECLOSED when close cut it short. */
+PCONN_HIDDEN int pconn__http_request_any(pconn__http_t *h, char *const *urls, size_t n, size_t *last,
+                                         const char *post_body, int64_t deadline_ns,
+                                         bool (*member_failed)(long status),
+                                         pconn__http_reply_t *reply, pconn_error_t *err);
 /* From any thread: cuts the request in flight short and makes the next ones fail at
  * once (PCONN_ECLOSED), until the owner stores false in h->aborted. */
 PCONN_HIDDEN void pconn__http_abort(pconn__http_t *h);

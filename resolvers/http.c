@@ -215,3 +215,113 @@ int pconn__http_request(pconn__http_t *h, const char *url, const char *post_body
     reply->len = sink.len;
     return PCONN_OK;
 }
+
+char **pconn__http_url_list(const char *list, size_t *n, char *bad, size_t bad_size)
+{
+    *n = 0;
+    if (list == NULL) {
+        snprintf(bad, bad_size, "(none)");
+        return NULL;
+    }
+    size_t cap = 1;
+    for (const char *p = list; *p; p++)
+        cap += *p == ',';
+    char **urls = calloc(cap, sizeof *urls);
+    if (urls == NULL) {
+        snprintf(bad, bad_size, "(out of memory)");
+        return NULL;
+    }
+    const char *p = list;
+    for (;;) {
+        const char *comma = strchr(p, ',');
+        size_t len = comma != NULL ? (size_t)(comma - p) : strlen(p);
+        while (len > 0 && p[len - 1] == '/')
+            len--;
+        char *u = strndup(p, len);
+        if (u == NULL || !pconn__http_url_ok(u) || len <= 8) {
+            snprintf(bad, bad_size, "%.100s", u != NULL && len > 0 ? u : "(empty)");
+            free(u);
+            pconn__http_url_list_free(urls, *n);
+            *n = 0;
+            return NULL;
+        }
+        urls[(*n)++] = u;
+        if (comma == NULL)
+            break;
+        p = comma + 1;
+    }
+    return urls;
+}
+
+void pconn__http_url_list_free(char **urls, size_t n)
+{
+    for (size_t i = 0; urls != NULL && i < n; i++)
+        free(urls[i]);
+    free(urls);
+}
+
+/* Appends "; url: cause" (or "url: cause" first) to why, cut at its size. */
+static void add_cause(char *why, size_t size, const char *url, const char *cause)
+{
+    size_t len = strlen(why);
+    const char *parts[4] = {len ? "; " : "", url, ": ", cause};
+    for (int i = 0; i < 4; i++)
+        for (const char *p = parts[i]; *p != '\0' && len + 1 < size; p++)
+            why[len++] = *p;
+    why[len] = '\0';
+}
+
+int pconn__http_request_any(pconn__http_t *h, char *const *urls, size_t n, size_t *last,
+                            const char *post_body, int64_t deadline_ns,
+                            bool (*member_failed)(long status), pconn__http_reply_t *reply,
+                            pconn_error_t *err)
+{
+    int64_t saved = h->timeout_ms;
+    char why[sizeof err->message] = "";
+    int rc = PCONN_ERESOLVE;
+    for (size_t k = 0; k < n; k++) {
+        size_t i = (*last + k) % n;
+        int64_t left_ms = (deadline_ns - pconn__mono_ns()) / 1000000;
+        if (left_ms <= 0) {
+            add_cause(why, sizeof why, urls[i], "not tried, no time left");
+            break;
+        }
+        h->timeout_ms = left_ms / (int64_t)(n - k) > 0 ? left_ms / (int64_t)(n - k) : 1;
+        pconn_error_t e = {0};
+        rc = pconn__http_request(h, urls[i], post_body, reply, &e);
+        if (rc == PCONN_ECLOSED) {
+            *err = e;
+            break;
+        }
+        if (rc == PCONN_OK && !member_failed(reply->status)) {
+            *last = i;
+            h->timeout_ms = saved;
+            return PCONN_OK;
+        }
+        char cause[300];
+        if (rc == PCONN_OK) { /* the start of the body says why, for the humans */
+            char excerpt[80];
+            size_t x = 0;
+            for (size_t b = 0; b < reply->len && x + 1 < sizeof excerpt; b++)
+                excerpt[x++] = reply->body[b] >= ' ' && reply->body[b] < 127 ? reply->body[b] : ' ';
+            excerpt[x] = '\0';
+            snprintf(cause, sizeof cause, "HTTP status %ld%s%s", reply->status, x ? ": " : "", excerpt);
+            free(reply->body);
+            rc = PCONN_ERESOLVE;
+        } else {
+            /* the request's own message starts with "catalog URL: ": keep the cause */
+            const char *c = strstr(e.message, ": ");
+            snprintf(cause, sizeof cause, "%.250s", c != NULL ? c + 2 : e.message);
+        }
+        add_cause(why, sizeof why, urls[i], cause);
+    }
+    h->timeout_ms = saved;
+    if (rc != PCONN_ECLOSED) {
+        if (n == 1)
+            pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %.240s", why);
+        else
+            pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog: every member failed: %.220s", why);
+        rc = PCONN_ERESOLVE;
+    }
+    return rc;
+}

@@ -15,7 +15,9 @@ typedef struct catalog_t {
     pconn__http_t http;
     pconn_catalog_format_t format;
     pconn_pick_t pick;
-    char *url;       /* what is requested */
+    char **urls;     /* what is requested: one per member (etcd, Consul) or document */
+    size_t nurls, last; /* last: the member that answered last */
+    int64_t timeout_ms; /* the whole lookup, every member tried included */
     char *post_body; /* etcd: the range request; else NULL */
     unsigned next;   /* round robin */
     uint64_t rng;    /* random pick */
@@ -25,7 +27,7 @@ static void catalog_free(void *arg)
 {
     catalog_t *c = arg;
     pconn__http_cleanup(&c->http);
-    free(c->url);
+    pconn__http_url_list_free(c->urls, c->nurls);
     free(c->post_body);
     free(c);
 }
@@ -44,13 +46,21 @@ static size_t pick_index(catalog_t *c, size_t n)
     }
 }
 
+/* A member that answers 5xx is in trouble (etcd without a quorum: 503): try another. */
+static bool member_failed(long status)
+{
+    return status >= 500;
+}
+
 static int catalog_resolve(void *arg, char *address, size_t size, pconn_error_t *err)
 {
     catalog_t *c = arg;
     pconn__http_reply_t reply;
-    int rc = pconn__http_request(&c->http, c->url, c->post_body, &reply, err);
+    int rc = pconn__http_request_any(&c->http, c->urls, c->nurls, &c->last, c->post_body,
+                                     pconn__deadline_ns(c->timeout_ms), member_failed, &reply, err);
     if (rc != PCONN_OK)
         return rc;
+    const char *url = c->urls[c->last];
     if (reply.status != 200) {
         /* The start of the body says why, for the humans reading the event. */
         char excerpt[80];
@@ -58,7 +68,7 @@ static int catalog_resolve(void *arg, char *address, size_t size, pconn_error_t 
         for (size_t i = 0; i < reply.len && k + 1 < sizeof excerpt; i++)
             excerpt[k++] = reply.body[i] >= ' ' && reply.body[i] < 127 ? reply.body[i] : ' ';
         excerpt[k] = '\0';
-        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: HTTP status %ld%s%s", c->url,
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: HTTP status %ld%s%s", url,
                         reply.status, k ? ": " : "", excerpt);
         free(reply.body);
         return PCONN_ERESOLVE;
@@ -68,12 +78,12 @@ static int catalog_resolve(void *arg, char *address, size_t size, pconn_error_t 
     rc = pconn__catalog_parse(c->format, reply.body, reply.len, &list, why, sizeof why);
     free(reply.body);
     if (rc != PCONN_OK) {
-        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: %s", c->url, why);
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: %s", url, why);
         return PCONN_ERESOLVE;
     }
     const char *chosen = list.items[pick_index(c, list.n)];
     if (!pconn__strcpy(address, size, chosen)) {
-        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: address too long", c->url);
+        pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: address too long", url);
         rc = PCONN_ERESOLVE;
     }
     pconn__addr_list_free(&list);
@@ -139,50 +149,67 @@ static bool consul_name_ok(const char *name)
 
 pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts)
 {
-    if (opts == NULL || !pconn__http_url_ok(opts->url) || opts->pick > PCONN_PICK_FIRST ||
+    if (opts == NULL || opts->pick > PCONN_PICK_FIRST ||
         opts->format > PCONN_CATALOG_CONSUL || opts->timeout_ms < 0 ||
         (opts->format == PCONN_CATALOG_ETCD && (opts->key == NULL || opts->key[0] == '\0')) ||
         (opts->format == PCONN_CATALOG_CONSUL && !consul_name_ok(opts->key))) {
         errno = EINVAL;
         return NULL;
     }
-    catalog_t *c = calloc(1, sizeof *c);
-    if (c == NULL)
+    size_t n;
+    char bad[128];
+    char **bases = pconn__http_url_list(opts->url, &n, bad, sizeof bad);
+    if (bases == NULL) {
+        errno = strcmp(bad, "(out of memory)") == 0 ? ENOMEM : EINVAL;
         return NULL;
+    }
+    catalog_t *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        pconn__http_url_list_free(bases, n);
+        errno = ENOMEM;
+        return NULL;
+    }
     c->format = opts->format;
     c->pick = opts->pick;
     if (getrandom(&c->rng, sizeof c->rng, 0) != sizeof c->rng)
         c->rng = (uint64_t)(uintptr_t)c;
-    int64_t timeout = opts->timeout_ms > 0 ? opts->timeout_ms : DEFAULT_TIMEOUT_MS;
+    c->timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : DEFAULT_TIMEOUT_MS;
     size_t max = opts->max_response_bytes > 0 ? opts->max_response_bytes : DEFAULT_MAX_BYTES;
-    if (pconn__http_init(&c->http, timeout, max, opts->bearer_token, opts->ca_file) != PCONN_OK) {
+    if (pconn__http_init(&c->http, c->timeout_ms, max, opts->bearer_token, opts->ca_file) != PCONN_OK) {
+        pconn__http_url_list_free(bases, n);
         free(c);
         errno = ENOMEM;
         return NULL;
     }
-    switch (opts->format) {
-    case PCONN_CATALOG_JSON:
-        c->url = strdup(opts->url);
-        break;
-    case PCONN_CATALOG_ETCD:
-        c->url = join_url(opts->url, "/v3/kv/range", "");
-        c->post_body = etcd_range_body(opts->key);
-        if (c->post_body == NULL)
-            goto nomem;
-        break;
-    case PCONN_CATALOG_CONSUL: {
-        char tail[256];
-        snprintf(tail, sizeof tail, "%s?passing", opts->key); /* the name is at most 200 */
-        c->url = join_url(opts->url, "/v1/health/service/", tail);
-        break;
-    }
-    }
-    if (c->url == NULL)
+    if (opts->format == PCONN_CATALOG_ETCD && (c->post_body = etcd_range_body(opts->key)) == NULL)
         goto nomem;
+    if ((c->urls = calloc(n, sizeof *c->urls)) == NULL)
+        goto nomem;
+    for (; c->nurls < n; c->nurls++) {
+        char tail[256];
+        const char *b = bases[c->nurls];
+        switch (opts->format) {
+        case PCONN_CATALOG_JSON:
+            c->urls[c->nurls] = strdup(b);
+            break;
+        case PCONN_CATALOG_ETCD:
+            c->urls[c->nurls] = join_url(b, "/v3/kv/range", "");
+            break;
+        case PCONN_CATALOG_CONSUL:
+            snprintf(tail, sizeof tail, "%s?passing", opts->key); /* the name is at most 200 */
+            c->urls[c->nurls] = join_url(b, "/v1/health/service/", tail);
+            break;
+        }
+        if (c->urls[c->nurls] == NULL)
+            goto nomem;
+    }
+    pconn__http_url_list_free(bases, n);
+    bases = NULL;
     pconn_resolver_t *r = pconn_resolver_new(catalog_resolve, c, catalog_free);
     if (r != NULL)
         return r;
 nomem:
+    pconn__http_url_list_free(bases, n);
     catalog_free(c);
     errno = ENOMEM;
     return NULL;

@@ -36,7 +36,8 @@ static const char *const help_main =
     "  port                           print a loopback TCP port that was free just now\n"
     "\n"
     "SPEC: HOST:PORT[,HOST:PORT...] | unix:PATH | dns:HOST:PORT | file:PATH |\n"
-    "      etcd:URL/PREFIX | consul:URL/SERVICE | json:URL   (catalogs: --pick first|random|round-robin)\n"
+    "      etcd:URL[,URL...]/PREFIX | consul:URL[,URL...]/SERVICE | json:URL\n"
+    "      (a cluster's members as a list; catalogs take --pick first|random|round-robin)\n"
     "Common options: --every MS (retry delay, 10 to 86400000; default 1000), --help, --version.\n"
     "Exit status: 0 ok, 1 timeout, 2 usage, 3 the server answered an error, 4 connection\n"
     "failed under a call, 5 cat could not send a line.\n";
@@ -177,12 +178,15 @@ static int parse(int argc, char **argv, const char *cmd, const char *help, const
 
 /* ---- SPEC -------------------------------------------------------------------------- */
 
-/* Splits "scheme://authority/rest" into base "scheme://authority" and "/rest". */
+/* Splits "scheme://authority[,scheme://authority...]/rest" into the base URL (or the
+ * comma-separated list of them) and "/rest". */
 static int split_url(const char *url, char *base, size_t size, const char **rest)
 {
     const char *p = strstr(url, "://");
     if (p == NULL)
         return -1;
+    for (const char *q; (q = strstr(p + 3, "://")) != NULL;)
+        p = q; /* the last member's */
     p = strchr(p + 3, '/');
     if (p == NULL || p[1] == '\0' || (size_t)(p - url) >= size)
         return -1;

@@ -70,12 +70,17 @@ static void *log_main(void *arg)
     return NULL;
 }
 
-static int launch(tetcd_t *e)
+/* Starts the process; wait_ready() waits until it serves (a cluster member only does
+ * once a quorum is up, so a cluster spawns every member first). */
+static int spawn(tetcd_t *e)
 {
-    char client[64], peer[64], cluster[160], name_arg[80];
+    char client[64], peer[64], cluster[sizeof e->cluster], name_arg[80];
     snprintf(client, sizeof client, "http://127.0.0.1:%d", e->client_port);
     snprintf(peer, sizeof peer, "http://127.0.0.1:%d", e->peer_port);
-    snprintf(cluster, sizeof cluster, "%s=%s", e->name, peer);
+    if (e->cluster[0] != '\0')
+        snprintf(cluster, sizeof cluster, "%s", e->cluster);
+    else
+        snprintf(cluster, sizeof cluster, "%s=%s", e->name, peer);
     snprintf(name_arg, sizeof name_arg, "%s", e->name);
     char *argv[] = {"etcd", "--name", name_arg, "--data-dir", e->dir,
                     "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -121,7 +126,11 @@ static int launch(tetcd_t *e)
     r->e = e;
     r->pipe_fd = fds[0];
     pthread_create(&e->reader, NULL, log_main, r);
+    return 0;
+}
 
+static int wait_ready(tetcd_t *e)
+{
     struct timespec ts = test_deadline(30000);
     pthread_mutex_lock(&e->mutex);
     while (!e->ready && !e->exited && pthread_cond_timedwait(&e->cond, &e->mutex, &ts) == 0)
@@ -136,7 +145,12 @@ static int launch(tetcd_t *e)
     return 0;
 }
 
-int tetcd_start(tetcd_t *e)
+static int launch(tetcd_t *e)
+{
+    return spawn(e) == 0 ? wait_ready(e) : -1;
+}
+
+static int prepare(tetcd_t *e)
 {
     static int counter;
     memset(e, 0, sizeof *e);
@@ -148,9 +162,35 @@ int tetcd_start(tetcd_t *e)
     snprintf(e->name, sizeof e->name, "pconn-test-%d-%d", (int)getpid(), ++counter);
     const char *build = getenv("PCONN_TEST_BUILD");
     snprintf(e->dir, sizeof e->dir, "%s/etcd-%s-XXXXXX", build ? build : "/tmp", e->name);
-    if (mkdtemp(e->dir) == NULL)
+    return mkdtemp(e->dir) != NULL ? 0 : -1;
+}
+
+int tetcd_start(tetcd_t *e)
+{
+    return prepare(e) == 0 ? launch(e) : -1;
+}
+
+int tetcd_cluster_start(tetcd_t *m, int n)
+{
+    if (n < 1 || n > 5)
         return -1;
-    return launch(e);
+    char cluster[sizeof m->cluster] = "";
+    for (int i = 0; i < n; i++) {
+        if (prepare(&m[i]) != 0)
+            return -1;
+        size_t len = strlen(cluster);
+        snprintf(cluster + len, sizeof cluster - len, "%s%s=http://127.0.0.1:%d", i ? "," : "",
+                 m[i].name, m[i].peer_port);
+    }
+    for (int i = 0; i < n; i++) {
+        snprintf(m[i].cluster, sizeof m[i].cluster, "%s", cluster);
+        if (spawn(&m[i]) != 0)
+            return -1;
+    }
+    for (int i = 0; i < n; i++)
+        if (wait_ready(&m[i]) != 0)
+            return -1;
+    return 0;
 }
 
 int tetcd_restart(tetcd_t *e)
@@ -338,6 +378,26 @@ int tetcd_watch(tetcd_t *e, const char *prefix, long long from_revision, bool pu
     post(e, "/v3/watch", body, &out, timeout_ms);
     free(out.data);
     return out.found ? 0 : -1;
+}
+
+int tetcd_is_leader(tetcd_t *e)
+{
+    buf_t b = {0};
+    if (post(e, "/v3/maintenance/status", "{}", &b, 2000) != 0 || b.data == NULL) {
+        free(b.data);
+        return -1;
+    }
+    /* {"header":{"member_id":"X",...},...,"leader":"X",...} */
+    char member[32] = "", leader[32] = "";
+    const char *m = strstr(b.data, "\"member_id\":\""), *l = strstr(b.data, "\"leader\":\"");
+    if (m != NULL)
+        sscanf(m + 13, "%31[0-9]", member);
+    if (l != NULL)
+        sscanf(l + 10, "%31[0-9]", leader);
+    free(b.data);
+    if (member[0] == '\0' || leader[0] == '\0')
+        return -1;
+    return strcmp(member, leader) == 0;
 }
 
 int tetcd_revoke_all(tetcd_t *e)

@@ -13,6 +13,7 @@ typedef struct tetcd_t {
     char url[64];
     char dir[256];
     char name[64];
+    char cluster[512];    /* --initial-cluster of a cluster member; "" alone */
     pthread_t reader;
     pthread_mutex_t mutex;
     pthread_cond_t cond;
@@ -22,6 +23,11 @@ typedef struct tetcd_t {
 /* Starts etcd on new free ports with a fresh data directory; waits until it serves.
  * 0, or -1 (the reason on stderr). */
 int tetcd_start(tetcd_t *e);
+/* Starts a cluster of n members (at most 5) on free ports; waits until each serves.
+ * 0, or -1. Each member is then a tetcd_t as above (kill, restart, stop). */
+int tetcd_cluster_start(tetcd_t *members, int n);
+/* 1 when e is the cluster's leader, 0 when not, -1 when it does not answer. */
+int tetcd_is_leader(tetcd_t *e);
 /* Starts it again on the same ports and data directory (after tetcd_kill). */
 int tetcd_restart(tetcd_t *e);
 /* Starts it again on the same ports with an empty data directory: a new cluster. */
