@@ -172,6 +172,12 @@ void pconn_pool_free(pconn_pool_t *pool);
 /* Fills *out with a consistent snapshot of the pool's counters. Any thread. */
 void pconn_pool_stats(pconn_pool_t *pool, pconn_pool_stats_t *out);
 
+/* The same counters as one JSON object on one line: {"size", "connected", "in_use",
+ * "waiting", "acquired", "timeouts", "released_broken", "health_failures",
+ * "expired_lifetime", "expired_idle", "leaks", "wait_max_ms", "wait_mean_ms"}. A
+ * malloc'd string the caller frees with free(); NULL for NULL or out of memory. */
+char *pconn_pool_stats_json(pconn_pool_t *pool);
+
 #ifdef __cplusplus
 }
 #endif

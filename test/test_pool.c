@@ -2,6 +2,8 @@
  * served, timeouts, slots that reconnect alone, checks before a hand-out, leaks, close
  * under waiters, option ranges. Idle, lifetime and leak times run on a manual clock. */
 #include "common.h"
+
+#include <jansson.h>
 #include "common_server.h"
 #include "pconn_pool.h"
 #include "pconn_tcp.h"
@@ -210,6 +212,19 @@ static void test_fifo_fairness(void)
     CU_ASSERT_EQUAL(st.in_use, 0);
     CU_ASSERT_EQUAL(st.waiting, 0);
     CU_ASSERT(st.wait_max_ns > 0);
+    /* The same, as JSON (pconn_stats_json's sibling for pools). */
+    char *text = pconn_pool_stats_json(e.pool);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    json_error_t jerr;
+    json_t *js = json_loads(text, 0, &jerr);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(js);
+    CU_ASSERT_EQUAL(json_integer_value(json_object_get(js, "acquired")), N + 1);
+    CU_ASSERT_EQUAL(json_integer_value(json_object_get(js, "timeouts")), 1);
+    CU_ASSERT_EQUAL(json_integer_value(json_object_get(js, "in_use")), 0);
+    CU_ASSERT(json_real_value(json_object_get(js, "wait_max_ms")) > 0);
+    json_decref(js);
+    free(text);
+    CU_ASSERT_PTR_NULL(pconn_pool_stats_json(NULL));
     CU_ASSERT_EQUAL(tserver_wait_accepted(&s, 1, WAIT_MS), 1); /* one connection, shared in turn */
     penv_destroy(&e);
     tserver_stop(&s);
