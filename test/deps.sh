@@ -20,6 +20,7 @@ command -v cppcheck >/dev/null || missing="$missing cppcheck"  # make lint
 command -v openssl >/dev/null || missing="$missing openssl"    # the TLS catalog test
 command -v cmake >/dev/null || missing="$missing cmake"        # the install test (find_package)
 command -v groff >/dev/null || missing="$missing groff-base"   # the install test (man pages)
+command -v man >/dev/null || missing="$missing man-db"          # the install test (man -l)
 command -v abidiff >/dev/null || missing="$missing abigail-tools" # make abi-check
 # `make bench` only (test/deps.sh bench): the charts of docs/BENCHMARKS.md.
 [ "${1:-}" = bench ] && ! command -v gnuplot >/dev/null && missing="$missing gnuplot-nox"
