@@ -47,6 +47,7 @@ struct pconn__watch_t {
     char *buf;
     size_t len, cap;
     bool created, broken, compacted;
+    int64_t catch_up;      /* > 0: read the list as it was at this revision */
     /* Under mutex: */
     pthread_mutex_t mutex;
     pthread_cond_t cond;   /* stop, for the back-off wait */
@@ -155,9 +156,9 @@ static int64_t json_int64(json_t *v)
     return 0;
 }
 
-/* Applies one kv (a PUT when put, else a DELETE) under mutex. false: out of memory or
- * a kv that is not understood. */
-static bool apply_kv(pconn__watch_t *w, json_t *kv, bool put)
+/* Applies one kv (a PUT when put, else a DELETE) of a full read or (event) of the watch,
+ * under mutex. false: out of memory or a kv that is not understood. */
+static bool apply_kv(pconn__watch_t *w, json_t *kv, bool put, bool event)
 {
     const char *key64 = json_string_value(json_object_get(kv, "key"));
     if (key64 == NULL)
@@ -173,8 +174,11 @@ static bool apply_kv(pconn__watch_t *w, json_t *kv, bool put)
         /* An instance that is not valid is skipped, as a lookup skips it. */
         bool valid = put && value != NULL &&
                      pconn__catalog_etcd_value(value, address, sizeof address, why, sizeof why) == PCONN_OK;
-        ok = list_set(w, key, len, valid ? address : NULL);
+        /* An event the list already has (the watch asked from its revision + 1, so
+         * none should come) is not applied twice; a full read is applied whole. */
         int64_t rev = json_int64(json_object_get(kv, "mod_revision"));
+        if (!event || rev > w->revision)
+            ok = list_set(w, key, len, valid ? address : NULL);
         if (ok && rev > w->revision)
             w->revision = rev;
     }
@@ -189,12 +193,17 @@ static bool member_failed(long status)
     return status != 200;
 }
 
-/* Reads every key under the prefix into the list, live. PCONN_OK or not. */
-static int full_read(pconn__watch_t *w)
+/* Reads every key under the prefix into the list, live: as it is now (at 0), or as it
+ * was at revision at. PCONN_OK or not. */
+static int full_read(pconn__watch_t *w, int64_t at)
 {
+    char body[700];
+    if (at > 0)
+        snprintf(body, sizeof body, "{%s,\"revision\":\"%lld\"}", w->watch_body_fields, (long long)at);
     pconn__http_reply_t reply;
     pconn_error_t err;
-    int rc = pconn__http_request_any(&w->http, w->range_urls, w->n, &w->last, w->range_body,
+    int rc = pconn__http_request_any(&w->http, w->range_urls, w->n, &w->last,
+                                     at > 0 ? body : w->range_body,
                                      pconn__deadline_ns(w->timeout_ms), member_failed, &reply, &err);
     if (rc != PCONN_OK)
         return rc;
@@ -210,12 +219,12 @@ static int full_read(pconn__watch_t *w)
         size_t i;
         json_t *kv;
         json_array_foreach(kvs, i, kv) {
-            if (!apply_kv(w, kv, true)) {
+            if (!apply_kv(w, kv, true, false)) {
                 rc = PCONN_ENOMEM;
                 break;
             }
         }
-        w->revision = rev;
+        w->revision = at > 0 ? at : rev; /* the header says the newest, not at */
         w->live = rc == PCONN_OK;
         pthread_mutex_unlock(&w->mutex);
     }
@@ -240,9 +249,17 @@ static void on_message(pconn__watch_t *w, json_t *root)
     }
     pthread_mutex_lock(&w->mutex);
     if (json_is_true(json_object_get(result, "created"))) {
+        /* Current when nothing was written since the list's revision; else the events
+         * since then may follow, or not (etcd sends none when none is under the prefix):
+         * the list is read as it was at the watch's start, and events up to there are
+         * skipped (apply_kv). */
+        int64_t at = json_int64(json_object_get(json_object_get(result, "header"), "revision"));
         w->created = true;
-        w->live = true;
         w->streams++;
+        if (at <= w->revision)
+            w->live = true;
+        else
+            w->catch_up = at;
     }
     json_t *events = json_object_get(result, "events");
     size_t i;
@@ -250,7 +267,7 @@ static void on_message(pconn__watch_t *w, json_t *root)
     json_array_foreach(events, i, ev) {
         /* A PUT carries no "type" (zero is left out); a DELETE says "DELETE". */
         const char *type = json_string_value(json_object_get(ev, "type"));
-        if (!apply_kv(w, json_object_get(ev, "kv"), type == NULL || strcmp(type, "PUT") == 0)) {
+        if (!apply_kv(w, json_object_get(ev, "kv"), type == NULL || strcmp(type, "PUT") == 0, true)) {
             w->broken = true; /* the list may now be wrong: read it all again */
             w->compacted = true;
             w->live = false;
@@ -258,6 +275,31 @@ static void on_message(pconn__watch_t *w, json_t *root)
         }
     }
     pthread_mutex_unlock(&w->mutex);
+}
+
+/* Handles the whole messages in the buffer, up to one that asks for a catch-up read
+ * (the messages after it wait for that read). */
+static void drain(pconn__watch_t *w)
+{
+    size_t off = 0;
+    while (off < w->len && !w->broken && w->catch_up == 0) {
+        while (off < w->len && (w->buf[off] == '\n' || w->buf[off] == '\r' || w->buf[off] == ' '))
+            off++;
+        if (off == w->len)
+            break;
+        json_error_t jerr;
+        json_t *root = json_loadb(w->buf + off, w->len - off, JSON_DISABLE_EOF_CHECK, &jerr);
+        if (root == NULL) {
+            if (json_error_code(&jerr) != json_error_premature_end_of_input)
+                w->broken = true; /* not JSON: give up on this stream */
+            break;                /* else: the rest of the message is on its way */
+        }
+        on_message(w, root);
+        json_decref(root);
+        off += (size_t)jerr.position;
+    }
+    memmove(w->buf, w->buf + off, w->len - off);
+    w->len -= off;
 }
 
 static size_t on_stream(char *ptr, size_t size, size_t nmemb, void *arg)
@@ -280,25 +322,7 @@ static size_t on_stream(char *ptr, size_t size, size_t nmemb, void *arg)
     }
     memcpy(w->buf + w->len, ptr, n);
     w->len += n;
-    size_t off = 0;
-    while (off < w->len && !w->broken) {
-        while (off < w->len && (w->buf[off] == '\n' || w->buf[off] == '\r' || w->buf[off] == ' '))
-            off++;
-        if (off == w->len)
-            break;
-        json_error_t jerr;
-        json_t *root = json_loadb(w->buf + off, w->len - off, JSON_DISABLE_EOF_CHECK, &jerr);
-        if (root == NULL) {
-            if (json_error_code(&jerr) != json_error_premature_end_of_input)
-                w->broken = true; /* not JSON: give up on this stream */
-            break;                /* else: the rest of the message is on its way */
-        }
-        on_message(w, root);
-        json_decref(root);
-        off += (size_t)jerr.position;
-    }
-    memmove(w->buf, w->buf + off, w->len - off);
-    w->len -= off;
+    drain(w);
     return w->broken ? 0 : n;
 }
 
@@ -313,6 +337,7 @@ static void stream(pconn__watch_t *w, size_t i)
     snprintf(body, sizeof body, "{\"create_request\":{%s,\"start_revision\":\"%lld\"}}",
              w->watch_body_fields, (long long)from);
     w->len = 0;
+    w->catch_up = 0;
     w->created = w->broken = w->compacted = false;
     CURL *e = w->easy;
     curl_easy_reset(e);
@@ -334,13 +359,30 @@ static void stream(pconn__watch_t *w, size_t i)
     curl_easy_setopt(e, CURLOPT_POST, 1L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
     curl_multi_add_handle(w->multi, e);
+    /* A member that takes the connection but does not create the watch in time (stopped,
+     * or without a leader) passes the turn. */
+    int64_t created_by = pconn__deadline_ns(w->timeout_ms);
     for (;;) {
-        if (atomic_load(&w->stop))
+        if (atomic_load(&w->stop) || (!w->created && pconn__mono_ns() >= created_by))
             break;
         int running = 0;
         if (curl_multi_perform(w->multi, &running) != CURLM_OK || running == 0)
             break;
-        curl_multi_poll(w->multi, NULL, 0, 1000, NULL);
+        if (w->catch_up > 0) { /* the stream waits in the socket meanwhile */
+            int64_t at = w->catch_up;
+            w->catch_up = 0;
+            if (full_read(w, at) != PCONN_OK)
+                break;
+            drain(w); /* what came meanwhile */
+            if (w->broken)
+                break;
+        }
+        int wait_ms = 1000;
+        if (!w->created) {
+            int left = pconn__poll_timeout_ms(created_by);
+            wait_ms = left < wait_ms ? left + 1 : wait_ms;
+        }
+        curl_multi_poll(w->multi, NULL, 0, wait_ms, NULL);
     }
     curl_multi_remove_handle(w->multi, e);
     pthread_mutex_lock(&w->mutex);
@@ -366,7 +408,7 @@ static void *watch_main(void *arg)
     size_t member = 0;
     while (!atomic_load(&w->stop)) {
         if (need_read) {
-            if (full_read(w) != PCONN_OK) {
+            if (full_read(w, 0) != PCONN_OK) {
                 backoff(w, wait_ms);
                 wait_ms = wait_ms * 2 < BACKOFF_MAX_MS ? wait_ms * 2 : BACKOFF_MAX_MS;
                 continue;

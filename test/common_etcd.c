@@ -462,3 +462,16 @@ long long tetcd_metric(tetcd_t *e, const char *line_prefix)
     free(out.data);
     return sum;
 }
+
+int tetcd_compact(tetcd_t *e)
+{
+    long long rev = tetcd_revision(e);
+    if (rev < 0)
+        return -1;
+    char body[128];
+    snprintf(body, sizeof body, "{\"revision\":\"%lld\",\"physical\":true}", rev);
+    buf_t out = {0};
+    int rc = post(e, "/v3/kv/compaction", body, &out, 5000);
+    free(out.data);
+    return rc;
+}

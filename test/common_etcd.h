@@ -55,5 +55,7 @@ int tetcd_watch(tetcd_t *e, const char *prefix, long long from_revision, bool pu
 /* The sum of the values of the lines of etcd's /metrics that start with line_prefix
  * (e.g. "grpc_server_started_total{grpc_method=\"Range\""), or -1. */
 long long tetcd_metric(tetcd_t *e, const char *line_prefix);
+/* Compacts the history up to the current revision (physically); 0 or -1. */
+int tetcd_compact(tetcd_t *e);
 
 #endif

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,12 +196,13 @@ static void test_watch_breaks_and_returns(void)
     CU_ASSERT_STRING_EQUAL(err.message, want);
     CU_ASSERT_EQUAL_FATAL(tetcd_restart(&etcd), 0);
     CU_ASSERT_EQUAL(tetcd_put(&etcd, "/w/b/0", "127.0.0.1:7620"), 0);
+    long long put_rev = tetcd_revision(&etcd);
     CU_ASSERT_TRUE(wait_answer(r, "127.0.0.1:7620"));
     CU_ASSERT_TRUE(wait_live("/w/b/", true, 2)); /* watching again */
     int64_t rev;
     unsigned watchers, streams;
     pconn__watch_probe("/w/b/", &rev, &watchers, &streams);
-    CU_ASSERT_EQUAL(rev, tetcd_revision(&etcd)); /* the put above was the last write */
+    CU_ASSERT_TRUE(rev >= put_rev); /* current: the put made while it was down is in */
     long long ranges = tetcd_metric(&etcd, RANGES);
     for (int i = 0; i < 100; i++)
         CU_ASSERT_EQUAL(pconn_resolve(r, address, sizeof address, &err), PCONN_OK);
@@ -209,11 +211,98 @@ static void test_watch_breaks_and_returns(void)
     tetcd_delete(&etcd, "/w/");
 }
 
+/* ---- a 3-member cluster: the watch's member lost ----------------------------------- */
+
+static tetcd_t m[3];
+static bool cluster_up;
+
+/* Member indexes: two followers, then the leader; urls lists them in that order, so a
+ * watcher's first member (the first that answers its read) is follower f[0]. */
+static bool need_cluster(int f[3], char *urls, size_t size)
+{
+    if (!cluster_up)
+        cluster_up = tetcd_cluster_start(m, 3) == 0;
+    CU_ASSERT_TRUE(cluster_up);
+    if (!cluster_up)
+        return false;
+    int leader = -1;
+    int64_t t0 = now_ms();
+    while (leader < 0 && now_ms() - t0 < WAIT_MS)
+        for (int i = 0; i < 3 && leader < 0; i++)
+            if (tetcd_is_leader(&m[i]) == 1)
+                leader = i;
+    CU_ASSERT_TRUE(leader >= 0);
+    if (leader < 0)
+        return false;
+    f[0] = (leader + 1) % 3;
+    f[1] = (leader + 2) % 3;
+    f[2] = leader;
+    snprintf(urls, size, "%s,%s,%s", m[f[0]].url, m[f[1]].url, m[f[2]].url);
+    return true;
+}
+
+/* The watch's member stopped (so its stream neither moves nor breaks) while an instance
+ * is announced through the others, then killed: the watch comes back through the next
+ * member from the revision it had, and the change made meanwhile is in the list. With
+ * compact, etcd has also forgotten that revision: one full read, then a watch again. */
+static void member_lost(const char *prefix, bool compact)
+{
+    int f[3];
+    char urls[256];
+    if (!need_cluster(f, urls, sizeof urls))
+        return;
+    char key[64];
+    snprintf(key, sizeof key, "%s1", prefix);
+    CU_ASSERT_EQUAL_FATAL(tetcd_put(&m[f[2]], key, "127.0.0.1:7631"), 0);
+    pconn_resolver_t *r = watching(urls, prefix);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(r);
+    CU_ASSERT_TRUE_FATAL(wait_live(prefix, true, 1));
+    char address[PCONN_ADDRESS_MAX];
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_resolve(r, address, sizeof address, &err), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(address, "127.0.0.1:7631");
+    kill(m[f[0]].pid, SIGSTOP);
+    snprintf(key, sizeof key, "%s0", prefix);
+    CU_ASSERT_EQUAL(tetcd_put(&m[f[1]], key, "127.0.0.1:7630"), 0);
+    long long put_rev = tetcd_revision(&m[f[1]]);
+    if (compact) { /* a write more, so that the watch's next revision is compacted */
+        CU_ASSERT_EQUAL(tetcd_put(&m[f[1]], "/wc/other", "x"), 0);
+        CU_ASSERT_EQUAL(tetcd_compact(&m[f[1]]), 0);
+    }
+    int64_t rev;
+    unsigned watchers, streams;
+    pconn__watch_probe(prefix, &rev, &watchers, &streams);
+    CU_ASSERT_EQUAL(streams, 1); /* still the first, to the stopped member */
+    tetcd_kill(&m[f[0]]);
+    /* Compacted: etcd creates the watch, then cancels it (compact_revision), the list
+     * is read again, and a third stream opened. */
+    CU_ASSERT_TRUE(wait_live(prefix, true, compact ? 3 : 2));
+    pconn__watch_probe(prefix, &rev, &watchers, &streams);
+    CU_ASSERT_TRUE(rev >= put_rev);
+    CU_ASSERT_EQUAL(pconn_resolve(r, address, sizeof address, &err), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(address, "127.0.0.1:7630");
+    pconn_resolver_free(r);
+    tetcd_delete(&m[f[1]], prefix);
+    CU_ASSERT_EQUAL(tetcd_restart(&m[f[0]]), 0);
+}
+
+static void test_cluster_member_lost(void)
+{
+    member_lost("/wc/a/", false);
+}
+
+static void test_cluster_member_lost_compacted(void)
+{
+    member_lost("/wc/b/", true);
+}
+
 static const test_def_t tests[] = {
     {"bad_options", test_bad_options},
     {"thousand_share_one_watch", test_thousand_share_one_watch},
     {"empty_list", test_empty_list},
     {"watch_breaks_and_returns", test_watch_breaks_and_returns},
+    {"cluster_member_lost", test_cluster_member_lost},
+    {"cluster_member_lost_compacted", test_cluster_member_lost_compacted},
     {NULL, NULL},
 };
 
@@ -222,5 +311,7 @@ int main(int argc, char **argv)
     int rc = run_suite("watch", tests, argc, argv);
     if (etcd_up)
         tetcd_stop(&etcd);
+    for (int i = 0; cluster_up && i < 3; i++)
+        tetcd_stop(&m[i]);
     return rc;
 }
