@@ -53,6 +53,11 @@ endif
 TEST_COMMON := $(patsubst %.c,$(B)/%.o,$(wildcard test/common*.c))
 TEST_BINS   := $(TEST_SUITES:%=$(B)/test/%)
 SAMPLES     := $(patsubst samples/%.c,$(B)/samples/%,$(wildcard samples/*.c))
+# The Redis sample needs hiredis (test/deps.sh installs it); without it, it is left out.
+HAVE_HIREDIS := $(shell printf '\043include <hiredis/hiredis.h>\n' | $(CC) -E -x c - >/dev/null 2>&1 && echo 1)
+ifneq ($(HAVE_HIREDIS),1)
+  SAMPLES := $(filter-out $(B)/samples/redis_counter,$(SAMPLES))
+endif
 BENCH_BINS  := $(patsubst test/bench/%.c,$(B)/bench/%,$(wildcard test/bench/bench_*.c))
 STRESS_BINS := $(patsubst test/stress/%.c,$(B)/stress/%,$(wildcard test/stress/*.c))
 # make stress: the chaos soak, STRESS_ROUNDS rounds (CI runs a short one).
@@ -113,6 +118,8 @@ $(B)/bench/%: $(B)/test/bench/%.o $(TEST_COMMON) $(B)/libpconn.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK    $@"
 	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit -lzmq -lm
+
+$(B)/samples/redis_counter: LDFLAGS += -lhiredis
 
 # The fault suite wraps the system calls the library makes (see test/test_faults.c).
 $(B)/test/test_faults: LDFLAGS += -Wl,--wrap=connect,--wrap=send,--wrap=sendmsg,--wrap=recv \

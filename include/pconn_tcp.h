@@ -30,6 +30,27 @@ typedef struct pconn_tcp_options_t {
     bool nodelay;               /* TCP_NODELAY */
     int keepalive_idle_s;       /* 0: 30 s; negative: no keepalive */
     int user_timeout_ms;        /* TCP_USER_TIMEOUT; 0: 30 s; negative: the system's */
+    /* Optional: a handshake run on each new connection before it counts as connected:
+     * AUTH, SELECT and PING for Redis, a client library's own greeting, or wrapping the
+     * fd in that library's context (hiredis: redisConnectFd(fd)). It runs on the thread
+     * that connects (a pconn's worker), on the blocking fd, with SO_RCVTIMEO and
+     * SO_SNDTIMEO set to what is left of connect_timeout_ms (cleared afterwards unless the
+     * hook set values of its own), so a read or write that the peer leaves unanswered
+     * fails with EAGAIN. The bound is per system call: a hook that waits several times
+     * should stop when its own deadline passes. pconn_close() does not interrupt it; it
+     * waits for the hook to return. It may store a session (the other
+     * library's context) in *session: pconn_tcp_session() hands it out, and session_free
+     * frees it when the connection is destroyed. Returns PCONN_OK, or an error code with
+     * err filled (err's message should name what failed: "AUTH: WRONGPASS ..."): the
+     * attempt then fails with that code (PCONN_EABORT stops the pconn), the session (if
+     * set) is freed and the fd closed. Must not close fd. */
+    int (*on_connect)(void *arg, int fd, const char *address, void **session,
+                      pconn_error_t *err);
+    void *on_connect_arg;       /* passed to on_connect and session_free; not owned */
+    /* Optional: frees a session on_connect stored, once, just before the fd is closed
+     * (the last pconn_conn_unref()), e.g. with hiredis' redisFreeKeepFd(). It must not
+     * close the fd. Not called for a connection inherited across fork() (see pconn.h). */
+    void (*session_free)(void *arg, void *session);
 } pconn_tcp_options_t;
 
 /* A pconn_connect_fn: connects to address with tcp_options (a pconn_tcp_options_t *, NULL
@@ -45,6 +66,12 @@ int pconn_tcp_connect(void *tcp_options, const char *address, pconn_conn_t **con
 /* The socket of a connection made by pconn_tcp_connect(), or -1 for any other
  * connection. Valid while the caller holds a reference; never close it. */
 int pconn_tcp_fd(const pconn_conn_t *conn);
+
+/* The session the on_connect hook stored for a connection made by pconn_tcp_connect(),
+ * or NULL (none, or not a TCP connection). Owned by the connection: valid while the
+ * caller holds a reference. Any thread; using the session is the caller's business
+ * (a hiredis context is for one thread at a time, which a pconn_pool_t guarantees). */
+void *pconn_tcp_session(const pconn_conn_t *conn);
 
 /* Writes all len bytes to a connection made by pconn_tcp_connect(), never raising
  * SIGPIPE. PCONN_OK, PCONN_EINVAL (not a TCP connection), PCONN_ECLOSED (inherited

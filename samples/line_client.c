@@ -5,7 +5,8 @@
  *
  * Sends each line of stdin to the service and prints the one-line answer. Events go to
  * stderr. A request whose connection dies is sent again on the next connection (at
- * least once), so the service must tolerate repeats.
+ * least once), so the service must tolerate repeats: right for an echo or a read, wrong
+ * for a request that changes something each time it runs (see samples/redis_counter.c).
  */
 #include "pconn.h"
 #include "pconn_tcp.h"

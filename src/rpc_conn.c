@@ -1049,13 +1049,13 @@ static int check_call(const rpc_conn_t *c, pconn_rpc_call_t *call)
     return PCONN_OK;
 }
 
-static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
                            int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
                            int64_t deadline);
 
 /* Sends every valid call of calls[0..n) in one write where they fit, then waits for all
  * their answers until the shared deadline. ps and heads have room for n. */
-static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
                       int64_t timeout_ms, pending_t *ps, uint8_t (*heads)[QUERY_HEAD_MAX],
                       struct iovec *iov)
 {
@@ -1108,7 +1108,7 @@ static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls
         atomic_fetch_add(&st->in_flight, live);
         atomic_fetch_add(&st->bytes_out, out);
     }
-    run_calls_wait(c, conn, calls, n, timeout_ms, ps, iov, iovcnt, deadline);
+    run_calls_wait(c, calls, n, timeout_ms, ps, iov, iovcnt, deadline);
     if (st != NULL) {
         int64_t us = (pconn__mono_ns() - t0) / 1000;
         int bucket = 0;
@@ -1130,7 +1130,7 @@ static void run_calls(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls
 }
 
 /* The sending and waiting half of run_calls(). */
-static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n,
+static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
                            int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
                            int64_t deadline)
 {
@@ -1155,12 +1155,8 @@ static void run_calls_wait(rpc_conn_t *c, pconn_conn_t *conn, pconn_rpc_call_t *
         }
         return;
     }
-    if (wrc != WF_OK) {
-        char msg[200];
-        snprintf(msg, sizeof msg, "rpc %.120s: connection lost while sending: %s", c->address, strerror(errno));
-        fail_calls(c, PCONN_EIO, msg); /* fails these calls too */
-        pconn_conn_close(conn);
-    }
+    if (wrc != WF_OK) /* closed before these calls and the others wake (defect 10) */
+        fail(c, PCONN_EIO, "connection lost while sending: %s", strerror(errno));
 
     pconn__mutex_lock(&c->lock);
     for (size_t i = 0; i < n; i++) {
@@ -1215,7 +1211,7 @@ int pconn_rpc_call_many(pconn_conn_t *conn, pconn_rpc_call_t *calls, size_t n, i
                                                                 : "pconn_rpc_call_many: bad argument");
         }
     } else if (n > 0) {
-        run_calls(pconn_conn_impl(conn), conn, calls, n, timeout_ms, ps, heads, iov);
+        run_calls(pconn_conn_impl(conn), calls, n, timeout_ms, ps, heads, iov);
     }
     free(ps);
     free(heads);
@@ -1242,7 +1238,7 @@ int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void
     pending_t p;
     uint8_t head[1][QUERY_HEAD_MAX];
     struct iovec iov[2];
-    run_calls(c, conn, &call, 1, timeout_ms, &p, head, iov);
+    run_calls(c, &call, 1, timeout_ms, &p, head, iov);
     *resp = call.resp;
     if (err != NULL)
         *err = call.err;

@@ -1,6 +1,7 @@
 /* stats.c - the counters of pconns, RPC clients and RPC servers as JSON, one object
  * each, for people and monitoring (`pconn watch --json` prints the same). */
 #include "rpc.h"
+#include "pconn_pool.h"
 
 #include <jansson.h>
 #include <stdlib.h>
@@ -90,5 +91,23 @@ char *pconn_stats_json(pconn_t *pc)
     rpc_stats_t *rs = pconn__stats_rpc(pc);
     if (rs != NULL)
         pconn__rpc_stats_json(rs, o);
+    return dump(o);
+}
+
+char *pconn_pool_stats_json(pconn_pool_t *pool)
+{
+    if (pool == NULL)
+        return NULL;
+    pconn_pool_stats_t st;
+    pconn_pool_stats(pool, &st);
+    json_t *o = json_pack("{s:i,s:i,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:f}",
+                          "size", (int)st.size, "connected", (int)st.connected, "in_use", (int)st.in_use,
+                          "waiting", (int)st.waiting, "acquired", (json_int_t)st.acquired,
+                          "timeouts", (json_int_t)st.timeouts, "released_broken", (json_int_t)st.released_broken,
+                          "health_failures", (json_int_t)st.health_failures,
+                          "expired_lifetime", (json_int_t)st.expired_lifetime,
+                          "expired_idle", (json_int_t)st.expired_idle, "leaks", (json_int_t)st.leaks,
+                          "wait_max_ms", (double)st.wait_max_ns / 1e6,
+                          "wait_mean_ms", st.acquired != 0 ? (double)st.wait_total_ns / 1e6 / (double)st.acquired : 0.0);
     return dump(o);
 }

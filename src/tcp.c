@@ -23,6 +23,9 @@
 
 typedef struct tcp_conn_t {
     int fd;
+    void *session; /* from on_connect, freed by session_free(arg, session) */
+    void (*session_free)(void *arg, void *session);
+    void *arg;
 } tcp_conn_t;
 
 static void tcp_close(void *impl)
@@ -32,7 +35,10 @@ static void tcp_close(void *impl)
 
 static void tcp_destroy(void *impl)
 {
-    close(((tcp_conn_t *)impl)->fd);
+    tcp_conn_t *t = impl;
+    if (t->session != NULL && t->session_free != NULL)
+        t->session_free(t->arg, t->session);
+    close(t->fd);
     free(impl);
 }
 
@@ -185,17 +191,23 @@ fail:
     return -1;
 }
 
-static int make_conn(int fd, pconn_conn_t **conn, const char *address, pconn_error_t *err)
+static int make_conn(int fd, const pconn_tcp_options_t *o, void *session, pconn_conn_t **conn,
+                     const char *address, pconn_error_t *err)
 {
     tcp_conn_t *t = malloc(sizeof *t);
     pconn_conn_t *c = t != NULL ? pconn_conn_new(&tcp_ops, t) : NULL;
     if (c == NULL) {
         free(t);
+        if (session != NULL && o->session_free != NULL)
+            o->session_free(o->on_connect_arg, session);
         close(fd);
         pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "connect %s", address);
         return PCONN_ENOMEM;
     }
     t->fd = fd;
+    t->session = session;
+    t->session_free = o->session_free;
+    t->arg = o->on_connect_arg;
     pconn__conn_set_address(c, address);
     *conn = c;
     return PCONN_OK;
@@ -211,6 +223,61 @@ static int connect_unix(const pconn__addr_t *a, const pconn_tcp_options_t *o, in
         sun.sun_path[0] = '\0'; /* the abstract namespace */
     socklen_t salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + (a->path[0] != '@'));
     return connect_one((struct sockaddr *)&sun, salen, AF_UNIX, o, deadline, timeout_ms, address, err);
+}
+
+static void set_io_timeout(int fd, int64_t ms)
+{
+    struct timeval tv = {.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+/* True when the fd's receive and send timeouts are still ms (the hook left them). */
+static bool io_timeout_is(int fd, int64_t ms)
+{
+    struct timeval r, w;
+    socklen_t rl = sizeof r, wl = sizeof w;
+    if (getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &r, &rl) != 0 ||
+        getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &w, &wl) != 0)
+        return false;
+    /* The kernel rounds to its tick: compare in ms, allowing one tick's difference. */
+    int64_t rms = (int64_t)r.tv_sec * 1000 + r.tv_usec / 1000;
+    int64_t wms = (int64_t)w.tv_sec * 1000 + w.tv_usec / 1000;
+    return rms >= ms - 10 && rms <= ms + 10 && wms >= ms - 10 && wms <= ms + 10;
+}
+
+/* Runs o->on_connect on a connected fd with I/O bounded by deadline. PCONN_OK with
+ * *session set; otherwise the hook's code with err filled, fd closed and the session
+ * freed. */
+static int run_on_connect(const pconn_tcp_options_t *o, int fd, const char *address,
+                          int64_t deadline, void **session, pconn_error_t *err)
+{
+    int64_t left_ms = (deadline - pconn__mono_ns()) / 1000000;
+    int rc = PCONN_ETIMEDOUT;
+    if (left_ms < 1) {
+        pconn_error_set(err, PCONN_ETIMEDOUT, 0, "connect %s: on_connect: no time left", address);
+        goto fail;
+    }
+    set_io_timeout(fd, left_ms);
+    err->code = PCONN_OK;
+    err->sys_errno = 0;
+    err->message[0] = '\0';
+    rc = o->on_connect(o->on_connect_arg, fd, address, session, err);
+    if (rc == PCONN_OK) {
+        if (io_timeout_is(fd, left_ms))
+            set_io_timeout(fd, 0);
+        return PCONN_OK;
+    }
+    err->code = rc;
+    if (err->message[0] == '\0')
+        pconn_error_set(err, rc, err->sys_errno, "connect %s: on_connect failed: %s", address,
+                        pconn_strerror(rc));
+fail:
+    if (*session != NULL && o->session_free != NULL)
+        o->session_free(o->on_connect_arg, *session);
+    *session = NULL;
+    close(fd);
+    return rc;
 }
 
 int pconn__tcp_connect_fd(const pconn_tcp_options_t *o, const char *address, pconn_error_t *err)
@@ -282,10 +349,22 @@ int pconn_tcp_connect(void *tcp_options, const char *address, pconn_conn_t **con
         return PCONN_EINVAL;
     }
     *conn = NULL;
+    int64_t deadline = pconn__deadline_ns(o->connect_timeout_ms > 0 ? o->connect_timeout_ms
+                                                                     : DEFAULT_CONNECT_TIMEOUT_MS);
     int fd = pconn__tcp_connect_fd(o, address, err);
     if (fd < 0)
         return err->code;
-    return make_conn(fd, conn, address, err);
+    void *session = NULL;
+    if (o->on_connect != NULL && run_on_connect(o, fd, address, deadline, &session, err) != PCONN_OK)
+        return err->code;
+    return make_conn(fd, o, session, conn, address, err);
+}
+
+void *pconn_tcp_session(const pconn_conn_t *conn)
+{
+    if (conn == NULL || pconn__conn_ops(conn) != &tcp_ops)
+        return NULL;
+    return ((tcp_conn_t *)pconn_conn_impl(conn))->session;
 }
 
 int pconn_tcp_fd(const pconn_conn_t *conn)

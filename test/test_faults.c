@@ -459,7 +459,34 @@ static void test_no_handler_thread(void)
     pthread_cond_destroy(&r.cond);
 }
 
+/* A thread that cannot be created: every call that needs one says so, frees what it
+ * was given (ASan counts), and works again once threads can be made. */
+static void test_no_thread_for_anything(void)
+{
+    const char *list[] = {"127.0.0.1:1"};
+    atomic_store(&no_threads, true);
+    pconn_options_t o = {.server_name = "nothread", .resolver = pconn_resolver_static(list, 1)};
+    pconn_t *pc = (pconn_t *)list;
+    CU_ASSERT_EQUAL(pconn_tcp_create(&o, NULL, &pc), PCONN_ENOMEM);
+    CU_ASSERT_PTR_NULL(pc);
+    pconn_rpc_options_t ro = {.base = {.server_name = "nothread", .resolver = pconn_resolver_static(list, 1)}};
+    CU_ASSERT_EQUAL(pconn_rpc_create(&ro, &pc), PCONN_ENOMEM);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0"};
+    pconn_rpc_server_t *srv = NULL;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_server_start(&so, &srv, &err), PCONN_ENOMEM);
+    CU_ASSERT_PTR_NULL(srv);
+    /* A name lookup without its helper thread is done in place: still answered. */
+    pconn_conn_t *c = NULL;
+    CU_ASSERT_EQUAL(pconn_tcp_connect(NULL, "nonexistent.invalid:80", &c, &err), PCONN_ERESOLVE);
+    atomic_store(&no_threads, false);
+    o.resolver = pconn_resolver_static(list, 1);
+    CU_ASSERT_EQUAL(pconn_tcp_create(&o, NULL, &pc), PCONN_OK);
+    pconn_free(pc);
+}
+
 static const test_def_t tests[] = {
+    {"no_thread_for_anything", test_no_thread_for_anything},
     {"no_handler_thread", test_no_handler_thread},
     {"syscall_faults", test_syscall_faults},
     {"signals_without_restart", test_signals_without_restart},

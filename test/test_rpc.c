@@ -1513,7 +1513,8 @@ static void test_max_connections(void)
  * burns in 300 ms while every accept fails with EMFILE. 0 when it waited, else 1. */
 static int emfile_child(void)
 {
-    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new(); /* no CUnit here: a process of its own */
+    pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL);
     pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls};
     pconn_rpc_server_t *srv = NULL;
     if (pconn_rpc_server_start(&so, &srv, NULL) != PCONN_OK)
@@ -1556,14 +1557,15 @@ static int emfile_child(void)
 /* Defect 6: out of descriptors, the acceptor does not spin (it took a whole core). */
 static void test_emfile_does_not_spin(void)
 {
-#ifdef __SANITIZE_THREAD__
-    return; /* TSan cannot follow threads started after a multithreaded fork() */
-#endif
+    /* A fresh process (this program, exec'd), not a fork of this threaded one: starting
+     * threads after a multithreaded fork() can deadlock the sanitizers' runtimes. */
     fflush(NULL);
     pid_t pid = fork();
     CU_ASSERT_FATAL(pid >= 0);
-    if (pid == 0)
-        _exit(emfile_child());
+    if (pid == 0) {
+        execl("/proc/self/exe", "test_rpc", "--emfile-child", (char *)NULL);
+        _exit(127);
+    }
     int status = -1;
     CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
     CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
@@ -1779,7 +1781,9 @@ static void test_stats_json_and_server_log(void)
     js = json_loads(text, 0, &jerr);
     CU_ASSERT_PTR_NOT_NULL_FATAL(js);
     CU_ASSERT_EQUAL(jint(js, "connections", NULL), 1);
-    CU_ASSERT_EQUAL(jint(js, "handlers_busy", NULL), 0);
+    /* A handler thread may still be tidying up after its answer went out. */
+    CU_ASSERT_TRUE(json_is_integer(json_object_get(js, "handlers_busy")));
+    CU_ASSERT(jint(js, "handlers_busy", NULL) <= 1);
     CU_ASSERT_EQUAL(jint(js, "rpc", "served"), 3);
     json_decref(js);
     free(text);
@@ -1842,5 +1846,7 @@ static const test_def_t tests[] = {
 int main(int argc, char **argv)
 {
     /* SIGPIPE keeps its default: a write of the library that raised it would end us. */
+    if (argc == 2 && strcmp(argv[1], "--emfile-child") == 0)
+        return emfile_child();
     return run_suite("rpc", tests, argc, argv);
 }

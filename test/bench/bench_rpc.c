@@ -9,6 +9,8 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -291,6 +293,253 @@ static void bench_throughput(void)
                  "ratio >= 2 (one thread, 16 outstanding, vs 16 raw ping-pongs)", pipelined >= 2 * raw_rate);
 }
 
+/* ---- 1 MiB calls: bandwidth ------------------------------------------------------- */
+
+#define BIG (1 << 20)
+#define CHUNK (64 * 1024)
+
+/* Echoes whatever arrives, as it arrives. */
+static void *stream_echo_main(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    char *buf = malloc(CHUNK);
+    ssize_t n;
+    while ((n = recv(fd, buf, CHUNK, 0)) > 0)
+        if (send(fd, buf, (size_t)n, MSG_NOSIGNAL) != n)
+            break;
+    free(buf);
+    close(fd);
+    return NULL;
+}
+
+static void *rpc_big_worker(void *arg)
+{
+    worker_t *w = arg;
+    char *req = calloc(1, BIG);
+    while (bench_now_ns() < w->until_ns) {
+        pconn_buf_t resp;
+        if (pconn_rpc_call(w->conn, "echo", 1, req, BIG, &resp, 10000, NULL) == PCONN_OK)
+            w->calls++;
+        pconn_buf_free(&resp);
+    }
+    free(req);
+    return NULL;
+}
+
+/* 1 MiB out and back over a raw connection, 64 KiB at a time (so neither side's buffer
+ * fills while it is not reading). */
+static void *raw_big_worker(void *arg)
+{
+    worker_t *w = arg;
+    char *buf = calloc(1, CHUNK);
+    while (bench_now_ns() < w->until_ns) {
+        int ok = 1;
+        for (int k = 0; ok && k < BIG / CHUNK; k++)
+            ok = send(w->fd, buf, CHUNK, MSG_NOSIGNAL) == CHUNK && recv_all(w->fd, buf, CHUNK) == 0;
+        if (!ok)
+            break;
+        w->calls++;
+    }
+    free(buf);
+    return NULL;
+}
+
+static void bench_big(void)
+{
+    enum { T = 16, SECONDS = 3 };
+    rig_t r;
+    rig_up(&r);
+    worker_t w[T];
+    int64_t t0 = bench_now_ns();
+    for (int i = 0; i < T; i++) {
+        w[i] = (worker_t){.conn = r.conn, .until_ns = t0 + (int64_t)SECONDS * 1000000000};
+        pthread_create(&w[i].thread, NULL, rpc_big_worker, &w[i]);
+    }
+    uint64_t calls = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(w[i].thread, NULL);
+        calls += w[i].calls;
+    }
+    double rate = (double)calls / ((double)(bench_now_ns() - t0) / 1e9); /* MiB/s each way */
+    rig_down(&r);
+
+    pthread_t echoers[T];
+    for (int i = 0; i < T; i++) {
+        pconn_error_t err;
+        int lfd = pconn_tcp_listen("127.0.0.1:0", 4, &err);
+        char address[64];
+        pconn_tcp_local_address(lfd, address, sizeof address);
+        pconn_conn_t *c = NULL;
+        pconn_tcp_connect(NULL, address, &c, &err);
+        w[i] = (worker_t){.fd = dup(pconn_tcp_fd(c))};
+        pconn_conn_unref(c);
+        int a = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        close(lfd);
+        pthread_create(&echoers[i], NULL, stream_echo_main, (void *)(intptr_t)a);
+    }
+    t0 = bench_now_ns();
+    for (int i = 0; i < T; i++) {
+        w[i].until_ns = t0 + (int64_t)SECONDS * 1000000000;
+        pthread_create(&w[i].thread, NULL, raw_big_worker, &w[i]);
+    }
+    calls = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(w[i].thread, NULL);
+        calls += w[i].calls;
+    }
+    double raw = (double)calls / ((double)(bench_now_ns() - t0) / 1e9);
+    for (int i = 0; i < T; i++) {
+        shutdown(w[i].fd, SHUT_RDWR);
+        close(w[i].fd);
+        pthread_join(echoers[i], NULL);
+    }
+    bench_report("rpc_throughput_1MiB", rate * 1.048576, "MB/s", raw * 1.048576,
+                 "ratio >= 0.8 (16 threads vs raw, 16 connections)", rate >= 0.8 * raw);
+}
+
+/* ---- reconnect, then the first answer ------------------------------------------- */
+
+static int64_t no_delay(void *arg, unsigned failures)
+{
+    (void)arg, (void)failures;
+    return 0;
+}
+
+static void *accept_echo_main(void *arg)
+{
+    int lfd = (int)(intptr_t)arg;
+    int fd;
+    while ((fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) >= 0)
+        raw_echo_main((void *)(intptr_t)fd);
+    return NULL;
+}
+
+static void bench_reconnect_answer(void)
+{
+    enum { N = 300 };
+    int64_t *lib = calloc(N, sizeof *lib), *raw = calloc(N, sizeof *raw);
+    rig_t r;
+    r.impls = pconn_rpc_impls_new();
+    pconn_rpc_impls_add(r.impls, "echo", 1, h_echo, NULL);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = r.impls};
+    pconn_rpc_server_start(&so, &r.srv, NULL);
+    const char *address = pconn_rpc_server_address(r.srv);
+    pconn_rpc_options_t o = {.base = {.server_name = "bench", .resolver = pconn_resolver_static(&address, 1),
+                                      .retry_delay = no_delay}};
+    pconn_rpc_create(&o, &r.pc);
+    char req[MSG] = {0};
+    for (int i = 0; i < N; i++) {
+        pconn_conn_t *c = NULL;
+        pconn_connected(r.pc, 10000, &c);
+        pconn_conn_close(c); /* the connection ends: the pconn makes a new one */
+        pconn_conn_unref(c);
+        int64_t t0 = bench_now_ns();
+        pconn_buf_t resp;
+        while (pconn_rpc_dispatch(r.pc, "echo", 1, req, MSG, &resp, 10000, NULL) != PCONN_OK)
+            ;
+        lib[i] = bench_now_ns() - t0;
+        pconn_buf_free(&resp);
+    }
+    pconn_free(r.pc);
+    pconn_rpc_server_stop(r.srv);
+    pconn_rpc_impls_free(r.impls);
+
+    pconn_error_t err;
+    int lfd = pconn_tcp_listen("127.0.0.1:0", 16, &err);
+    char raddr[64];
+    pconn_tcp_local_address(lfd, raddr, sizeof raddr);
+    pthread_t acceptor;
+    pthread_create(&acceptor, NULL, accept_echo_main, (void *)(intptr_t)lfd);
+    pconn_tcp_options_t to = {.nodelay = true, .keepalive_idle_s = -1, .user_timeout_ms = -1};
+    for (int i = 0; i < N; i++) {
+        int64_t t0 = bench_now_ns();
+        pconn_conn_t *c = NULL;
+        pconn_tcp_connect(&to, raddr, &c, &err);
+        int fd = pconn_tcp_fd(c);
+        send(fd, req, MSG, MSG_NOSIGNAL);
+        recv_all(fd, req, MSG);
+        raw[i] = bench_now_ns() - t0;
+        pconn_conn_unref(c);
+    }
+    shutdown(lfd, SHUT_RDWR);
+    pthread_join(acceptor, NULL);
+    close(lfd);
+    double m = bench_percentile(lib, N, 50), b = bench_percentile(raw, N, 50);
+    bench_report("rpc_reconnect_first_answer", m / 1000, "us", b / 1000,
+                 "ratio <= 1.5 (vs raw connect + one ping-pong)", m <= 1.5 * b);
+    free(lib);
+    free(raw);
+}
+
+/* ---- a flood of silent connections ------------------------------------------------ */
+
+static int threads_now(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/task");
+    for (struct dirent *e; d != NULL && (e = readdir(d)) != NULL;)
+        n += e->d_name[0] != '.';
+    if (d != NULL)
+        closedir(d);
+    return n;
+}
+
+static double call_median(pconn_conn_t *conn, int n)
+{
+    int64_t *lat = calloc((size_t)n, sizeof *lat);
+    char req[MSG] = {0};
+    for (int i = 0; i < n; i++) {
+        pconn_buf_t resp;
+        int64_t t0 = bench_now_ns();
+        pconn_rpc_call(conn, "echo", 1, req, MSG, &resp, 10000, NULL);
+        lat[i] = bench_now_ns() - t0;
+        pconn_buf_free(&resp);
+    }
+    double m = bench_percentile(lat, (size_t)n, 50);
+    free(lat);
+    return m;
+}
+
+static void bench_flood(void)
+{
+    enum { CALLS = 3000 };
+    int want = 10000;
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < (rlim_t)want + 200)
+        want = (int)rl.rlim_cur - 200;
+    int threads0 = threads_now();
+    rig_t r;
+    rig_up(&r);
+    int threads_quiet = threads_now();
+    double quiet = call_median(r.conn, CALLS);
+    const char *address = pconn_rpc_server_address(r.srv);
+    int *fds = malloc((size_t)want * sizeof *fds), opened = 0;
+    pconn_tcp_options_t to = {.connect_timeout_ms = 1000, .keepalive_idle_s = -1, .user_timeout_ms = -1};
+    for (; opened < want; opened++) {
+        pconn_conn_t *c = NULL;
+        pconn_error_t err;
+        if (pconn_tcp_connect(&to, address, &c, &err) != PCONN_OK)
+            break;
+        fds[opened] = dup(pconn_tcp_fd(c));
+        pconn_conn_unref(c);
+    }
+    double flooded = call_median(r.conn, CALLS);
+    int server_threads = threads_now() - threads0 - (threads_quiet - threads0);
+    for (int i = 0; i < opened; i++)
+        close(fds[i]);
+    free(fds);
+    rig_down(&r);
+    printf("rpc_flood: %d silent connections open (of %d wanted); threads added by the flood: %d\n",
+           opened, want, server_threads);
+    bench_report("rpc_flood", flooded / 1000, "us", quiet / 1000,
+                 "ratio <= 2 (calls during a flood vs without)", flooded <= 2 * quiet);
+    bench_report("rpc_flood_threads", server_threads, "threads", 0,
+                 "(reported; goal <= pool size + 4)", true);
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -299,5 +548,11 @@ int main(int argc, char **argv)
         bench_roundtrip();
     if (!*only || strcmp(only, "throughput") == 0)
         bench_throughput();
+    if (!*only || strcmp(only, "big") == 0)
+        bench_big();
+    if (!*only || strcmp(only, "reconnect") == 0)
+        bench_reconnect_answer();
+    if (!*only || strcmp(only, "flood") == 0)
+        bench_flood();
     return 0;
 }
