@@ -84,7 +84,10 @@ typedef struct pconn_http_catalog_options_t {
  * (a member died, lost its leader, or the first read has not finished) lookups are made
  * as with watch = 0, while the thread watches again through the next member from the
  * revision it had, so no change is missed; when etcd has compacted that revision away
- * it reads everything once more. The cache goes with the last resolver that uses it.
+ * it reads everything once more. The cache goes with the last resolver that uses it:
+ * freeing that one stops the cache's thread, cutting its request in flight short, so it
+ * returns within milliseconds whatever etcd does. Creating a resolver with watch = 1 may
+ * start that thread (NULL with errno ENOMEM when it cannot).
  * A member that hangs without closing its connection (stopped, not dead) keeps the
  * watch open and the list unchanged until TCP keep-alive gives up on it. */
 pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts);
