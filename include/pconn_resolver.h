@@ -55,6 +55,8 @@ typedef struct pconn_http_catalog_options_t {
     size_t max_response_bytes;      /* 0: 1 MiB; larger answers fail while arriving */
     const char *bearer_token;       /* NULL: none; sent as "Authorization: Bearer ..." */
     const char *ca_file;            /* NULL: the system's CA store; TLS is always verified */
+    int watch;                      /* etcd only: 1 answers from a shared cache kept current
+                                       by one etcd watch (below); 0: a request per lookup */
 } pconn_http_catalog_options_t;
 
 /* A resolver that asks an HTTP service catalog before every attempt and picks one of
@@ -69,7 +71,25 @@ typedef struct pconn_http_catalog_options_t {
  * of timeout_ms; a member that cannot be reached or answers 5xx (etcd without a quorum)
  * passes the turn. When all fail, the error names each member and its cause ("catalog:
  * every member failed: URL: cause; URL: cause ..."). Strings in opts are copied. NULL with
- * errno EINVAL on bad options (an empty or non-http(s) item in the list among them). */
+ * errno EINVAL on bad options (an empty or non-http(s) item in the list among them).
+ *
+ * With watch = 1 (etcd only; EINVAL for the other formats) the resolvers of a process
+ * that share url, key, bearer_token and ca_file share one cache of the instance list
+ * and one thread that keeps it current: it reads every key under the prefix once, then
+ * holds one etcd watch (POST /v3/watch on the JSON gateway, a streaming answer) from the
+ * revision after that read, so a thousand resolvers make one watch and no request per
+ * lookup, and an instance announced or revoked reaches their next answer as soon as the
+ * watch delivers it (milliseconds). The cache's timeout_ms and max_response_bytes (one
+ * watch message) are those of the first resolver that made it. While the watch is down
+ * (a member died, lost its leader, or the first read has not finished) lookups are made
+ * as with watch = 0, while the thread watches again through the next member from the
+ * revision it had, so no change is missed; when etcd has compacted that revision away
+ * it reads everything once more. The cache goes with the last resolver that uses it:
+ * freeing that one stops the cache's thread, cutting its request in flight short, so it
+ * returns within milliseconds whatever etcd does. Creating a resolver with watch = 1 may
+ * start that thread (NULL with errno ENOMEM when it cannot).
+ * A member that hangs without closing its connection (stopped, not dead) keeps the
+ * watch open and the list unchanged until TCP keep-alive gives up on it. */
 pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts);
 
 /* ---- Announcing a server in etcd ----------------------------------------------------- */

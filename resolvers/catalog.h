@@ -23,6 +23,11 @@ PCONN_HIDDEN void pconn__addr_list_free(pconn__addr_list_t *l);
 PCONN_HIDDEN int pconn__catalog_parse(pconn_catalog_format_t format, const char *body, size_t len,
                                       pconn__addr_list_t *out, char *why, size_t why_size);
 
+/* One etcd value (base64 of JSON {"host","port"}, {"address"}, a JSON string or bare
+ * "host:port") into address. PCONN_OK, or PCONN_ERESOLVE with why saying what is wrong. */
+PCONN_HIDDEN int pconn__catalog_etcd_value(const char *b64, char *address, size_t size, char *why,
+                                           size_t why_size);
+
 /* Standard base64 with padding. encode returns a malloc'd string (NULL: no memory);
  * decode writes at most *len bytes to out, sets *len, returns false on bad input. */
 PCONN_HIDDEN char *pconn__base64_encode(const void *data, size_t len);
@@ -75,5 +80,30 @@ PCONN_HIDDEN int pconn__http_request_any(pconn__http_t *h, char *const *urls, si
 PCONN_HIDDEN void pconn__http_abort(pconn__http_t *h);
 /* True for http:// and https:// URLs. */
 PCONN_HIDDEN bool pconn__http_url_ok(const char *url);
+
+/* CURLOPT_SOCKOPTFUNCTION: libcurl's sockets close-on-exec. */
+PCONN_HIDDEN int pconn__http_sockopt_cloexec(void *arg, curl_socket_t fd, curlsocktype purpose);
+
+/* The shared, watch-fed cache of the etcd catalog (catalog_watch.c): one per (members,
+ * prefix, bearer token, CA file) per process, counted by reference. get finds or makes
+ * it (its thread starts reading and watching at once; timeout_ms and max_bytes are the
+ * first maker's), NULL when out of memory; range_body is the resolver's range request
+ * ({"key":..,"range_end":..}). put drops a reference; the last one stops the thread
+ * (within its requests' bounds: the stream is cut at once) and frees it. */
+typedef struct pconn__watch_t pconn__watch_t;
+PCONN_HIDDEN pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefix,
+                                              const char *range_body, int64_t timeout_ms,
+                                              size_t max_bytes, const char *bearer_token,
+                                              const char *ca_file);
+PCONN_HIDDEN void pconn__watch_put(pconn__watch_t *w);
+/* From any thread: while the cache is current, copies the instance pick(arg, n) chose to
+ * address and returns 1; 0 when current and empty; -1 when not current (the watch is
+ * down: look up instead); -2 when the address does not fit in size. */
+PCONN_HIDDEN int pconn__watch_answer(pconn__watch_t *w, size_t (*pick)(void *arg, size_t n),
+                                     void *arg, char *address, size_t size);
+/* For tests: the watchers on prefix (*watchers), the last one's revision and whether it
+ * is current (returned), and the watch streams they opened so far (*streams). */
+PCONN_HIDDEN bool pconn__watch_probe(const char *prefix, int64_t *revision, unsigned *watchers,
+                                     unsigned *streams);
 
 #endif

@@ -194,6 +194,22 @@ static void add_etcd_value(parse_t *p, const char *b64)
     free(raw);
 }
 
+int pconn__catalog_etcd_value(const char *b64, char *address, size_t size, char *why, size_t why_size)
+{
+    pconn__addr_list_t list = {0};
+    parse_t p = {.out = &list, .why = why, .why_size = why_size};
+    add_etcd_value(&p, b64);
+    int rc = PCONN_ERESOLVE;
+    if (p.nomem)
+        snprintf(why, why_size, "out of memory");
+    else if (list.n == 1 && pconn__strcpy(address, size, list.items[0]))
+        rc = PCONN_OK;
+    else if (list.n == 1)
+        snprintf(why, why_size, "address too long");
+    pconn__addr_list_free(&list);
+    return rc;
+}
+
 static int parse_etcd(parse_t *p, json_t *root)
 {
     if (!json_is_object(root)) {

@@ -100,7 +100,7 @@ void pconn__http_cleanup(pconn__http_t *h)
 }
 
 /* libcurl's sockets must not leak into a child after fork+exec: close-on-exec. */
-static int on_sockopt(void *arg, curl_socket_t fd, curlsocktype purpose)
+int pconn__http_sockopt_cloexec(void *arg, curl_socket_t fd, curlsocktype purpose)
 {
     (void)arg;
     (void)purpose;
@@ -116,7 +116,7 @@ static void setup(pconn__http_t *h, const char *url, const char *post_body, sink
     curl_easy_reset(e); /* keeps the connection cache of the multi handle */
     curl_easy_setopt(e, CURLOPT_URL, url);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_SOCKOPTFUNCTION, on_sockopt);
+    curl_easy_setopt(e, CURLOPT_SOCKOPTFUNCTION, pconn__http_sockopt_cloexec);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)h->timeout_ms);

@@ -21,11 +21,13 @@ typedef struct catalog_t {
     char *post_body; /* etcd: the range request; else NULL */
     unsigned next;   /* round robin */
     uint64_t rng;    /* random pick */
+    pconn__watch_t *watch; /* watch = 1: the shared cache; else NULL */
 } catalog_t;
 
 static void catalog_free(void *arg)
 {
     catalog_t *c = arg;
+    pconn__watch_put(c->watch);
     pconn__http_cleanup(&c->http);
     pconn__http_url_list_free(c->urls, c->nurls);
     free(c->post_body);
@@ -52,9 +54,25 @@ static bool member_failed(long status)
     return status >= 500;
 }
 
+static size_t pick_cb(void *arg, size_t n)
+{
+    return pick_index(arg, n);
+}
+
 static int catalog_resolve(void *arg, char *address, size_t size, pconn_error_t *err)
 {
     catalog_t *c = arg;
+    if (c->watch != NULL) {
+        int k = pconn__watch_answer(c->watch, pick_cb, c, address, size);
+        if (k == 1)
+            return PCONN_OK;
+        if (k == 0 || k == -2) {
+            pconn_error_set(err, PCONN_ERESOLVE, 0, "catalog %s: %s", c->urls[c->last],
+                            k == 0 ? "no instances" : "address too long");
+            return PCONN_ERESOLVE;
+        }
+        /* -1: the watch is down; ask as without it */
+    }
     pconn__http_reply_t reply;
     int rc = pconn__http_request_any(&c->http, c->urls, c->nurls, &c->last, c->post_body,
                                      pconn__deadline_ns(c->timeout_ms), member_failed, &reply, err);
@@ -151,6 +169,7 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
 {
     if (opts == NULL || opts->pick > PCONN_PICK_FIRST ||
         opts->format > PCONN_CATALOG_CONSUL || opts->timeout_ms < 0 ||
+        (opts->watch != 0 && (opts->watch != 1 || opts->format != PCONN_CATALOG_ETCD)) ||
         (opts->format == PCONN_CATALOG_ETCD && (opts->key == NULL || opts->key[0] == '\0')) ||
         (opts->format == PCONN_CATALOG_CONSUL && !consul_name_ok(opts->key))) {
         errno = EINVAL;
@@ -203,6 +222,10 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
         if (c->urls[c->nurls] == NULL)
             goto nomem;
     }
+    if (opts->watch == 1 &&
+        (c->watch = pconn__watch_get(bases, n, opts->key, c->post_body, c->timeout_ms, max,
+                                     opts->bearer_token, opts->ca_file)) == NULL)
+        goto nomem;
     pconn__http_url_list_free(bases, n);
     bases = NULL;
     pconn_resolver_t *r = pconn_resolver_new(catalog_resolve, c, catalog_free);

@@ -430,3 +430,48 @@ int tetcd_revoke_all(tetcd_t *e)
     free(out.data);
     return n;
 }
+
+long long tetcd_metric(tetcd_t *e, const char *line_prefix)
+{
+    CURL *c = curl_easy_init();
+    char url[128];
+    snprintf(url, sizeof url, "%s/metrics", e->url);
+    buf_t out = {0};
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 5000L);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &out);
+    CURLcode rc = curl_easy_perform(c);
+    curl_easy_cleanup(c);
+    long long sum = -1;
+    if (rc == CURLE_OK && out.data != NULL) {
+        sum = 0;
+        size_t plen = strlen(line_prefix);
+        for (const char *line = out.data; line != NULL && *line != '\0';) {
+            if (strncmp(line, line_prefix, plen) == 0) {
+                const char *sp = strchr(line + plen, ' ');
+                if (sp != NULL)
+                    sum += (long long)strtod(sp + 1, NULL);
+            }
+            line = strchr(line, '\n');
+            if (line != NULL)
+                line++;
+        }
+    }
+    free(out.data);
+    return sum;
+}
+
+int tetcd_compact(tetcd_t *e)
+{
+    long long rev = tetcd_revision(e);
+    if (rev < 0)
+        return -1;
+    char body[128];
+    snprintf(body, sizeof body, "{\"revision\":\"%lld\",\"physical\":true}", rev);
+    buf_t out = {0};
+    int rc = post(e, "/v3/kv/compaction", body, &out, 5000);
+    free(out.data);
+    return rc;
+}

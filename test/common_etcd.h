@@ -52,5 +52,10 @@ long long tetcd_revision(tetcd_t *e);
  * after from_revision (events already past are delivered too), or timeout_ms passes.
  * 0 when it happened, -1 otherwise. */
 int tetcd_watch(tetcd_t *e, const char *prefix, long long from_revision, bool put, int timeout_ms);
+/* The sum of the values of the lines of etcd's /metrics that start with line_prefix
+ * (e.g. "grpc_server_started_total{grpc_method=\"Range\""), or -1. */
+long long tetcd_metric(tetcd_t *e, const char *line_prefix);
+/* Compacts the history up to the current revision (physically); 0 or -1. */
+int tetcd_compact(tetcd_t *e);
 
 #endif
