@@ -536,6 +536,7 @@ pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefi
         off += (size_t)snprintf(id + off, idlen - off, "%s,", bases[i]);
     snprintf(id + off, idlen - off, "\n%s\n%s\n%s", prefix, bearer_token ? bearer_token : "",
              ca_file ? ca_file : "");
+    (void)pconn__fork_generation(); /* registers the fork handler: see pconn__watch_after_fork() */
     pthread_mutex_lock(&registry_mutex);
     pconn__watch_t *w = registry;
     while (w != NULL && strcmp(w->id, id) != 0)
@@ -608,4 +609,14 @@ bool pconn__watch_probe(const char *prefix, int64_t *revision, unsigned *watcher
     }
     pthread_mutex_unlock(&registry_mutex);
     return live;
+}
+
+void pconn__watch_after_fork(void)
+{
+    /* In a child of fork(): the parent's watchers have no thread here, and their lock
+     * may have been held by one that stayed behind. The child starts with none (the
+     * parent's stay allocated, as an inherited handle's memory does). */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    registry_mutex = fresh;
+    registry = NULL;
 }

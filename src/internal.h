@@ -97,6 +97,9 @@ PCONN_HIDDEN int pconn__getaddrinfo(const char *host, const char *port, const st
  * inherited, and its worker, readers and locks' owners do not exist here. The first call
  * registers the pthread_atfork() handler. */
 PCONN_HIDDEN unsigned pconn__fork_generation(void);
+/* In the child of a fork(): the shared etcd watchers of the parent are forgotten
+ * (resolvers/catalog_watch.c). */
+PCONN_HIDDEN void pconn__watch_after_fork(void);
 PCONN_HIDDEN bool pconn__inherited(unsigned generation);
 /* True for a connection made before a fork() that made this process. */
 PCONN_HIDDEN bool pconn__conn_inherited(const pconn_conn_t *c);

@@ -93,6 +93,7 @@ static void on_fork_child(void)
 {
     atomic_fetch_add(&fork_generation, 1);
     tl_worker_pc = NULL; /* fork() from a callback: this thread is no worker here */
+    pconn__watch_after_fork();
 }
 
 static void fork_register(void)

@@ -14,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <time.h>
 
 #define RANGES "grpc_server_started_total{grpc_method=\"Range\""
@@ -296,6 +298,51 @@ static void test_cluster_member_lost_compacted(void)
     member_lost("/wc/b/", true);
 }
 
+/* fork(): the child forgets the parent's watchers (their thread stayed behind, their
+ * lock may be held, their list would never change again) and a watching resolver made
+ * in the child works; the parent's goes on. */
+static void test_fork_forgets_watchers(void)
+{
+    if (!need_etcd())
+        return;
+    CU_ASSERT_EQUAL_FATAL(tetcd_put(&etcd, "/w/f/1", "127.0.0.1:7611"), 0);
+    pconn_resolver_t *r = watching(etcd.url, "/w/f/");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(r);
+    CU_ASSERT_TRUE_FATAL(wait_live("/w/f/", true, 1));
+    fflush(stdout); /* not fflush(NULL): the etcd log reader holds its FILE while it reads */
+    fflush(stderr);
+    pid_t pid = fork();
+    CU_ASSERT_FATAL(pid >= 0);
+    if (pid == 0) {
+        int bad = 0;
+        int64_t rev;
+        unsigned watchers = 1, streams;
+        pconn__watch_probe("/w/f/", &rev, &watchers, &streams);
+        if (watchers != 0)
+            bad |= 1;
+#ifndef __SANITIZE_THREAD__ /* TSan cannot follow threads started after a threaded fork */
+        pconn_http_catalog_options_t co = {.url = etcd.url, .format = PCONN_CATALOG_ETCD,
+                                           .key = "/w/f/", .watch = 1};
+        pconn_resolver_t *r2 = pconn_resolver_http_catalog(&co);
+        char a[PCONN_ADDRESS_MAX];
+        pconn_error_t e;
+        if (r2 == NULL || pconn_resolve(r2, a, sizeof a, &e) != PCONN_OK || strcmp(a, "127.0.0.1:7611") != 0)
+            bad |= 2;
+        pconn_resolver_free(r2);
+#endif
+        _exit(bad);
+    }
+    int status = -1;
+    CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
+    CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    char a[PCONN_ADDRESS_MAX];
+    pconn_error_t e;
+    CU_ASSERT_EQUAL(pconn_resolve(r, a, sizeof a, &e), PCONN_OK);
+    CU_ASSERT_STRING_EQUAL(a, "127.0.0.1:7611");
+    pconn_resolver_free(r);
+    tetcd_delete(&etcd, "/w/f/");
+}
+
 static const test_def_t tests[] = {
     {"bad_options", test_bad_options},
     {"thousand_share_one_watch", test_thousand_share_one_watch},
@@ -303,6 +350,7 @@ static const test_def_t tests[] = {
     {"watch_breaks_and_returns", test_watch_breaks_and_returns},
     {"cluster_member_lost", test_cluster_member_lost},
     {"cluster_member_lost_compacted", test_cluster_member_lost_compacted},
+    {"fork_forgets_watchers", test_fork_forgets_watchers},
     {NULL, NULL},
 };
 
