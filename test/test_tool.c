@@ -109,9 +109,12 @@ static void test_wait_exit_codes(void)
     snprintf(args, sizeof args, "wait %s --timeout 2 --every 60000", dead);
     CU_ASSERT_EQUAL(run(args, NULL, true, out, sizeof out), 1);
     char want[256];
-    snprintf(want, sizeof want, "pconn wait: no connection to %s within 2 s: connect %s (127.0.0.1): Connection refused\n",
-             dead, dead);
-    CU_ASSERT_STRING_EQUAL(out, want);
+    snprintf(want, sizeof want, "pconn wait: no connection to %s within 2 s", dead);
+    CU_ASSERT_EQUAL(strncmp(out, want, strlen(want)), 0);
+    /* with the last failure, when one came in time (it may not, on a slow build) */
+    CU_ASSERT(out[strlen(want)] == '\n' || strstr(out, "Connection refused") != NULL);
+    if (strncmp(out, want, strlen(want)) != 0)
+        fprintf(stderr, "\n  got: %s", out);
 }
 
 /* --json: one object a line, each parsed; --count ends it after that many events. */
