@@ -39,7 +39,7 @@ B       := build/$(or $(SANITIZE),plain)
 Q       := $(if $(V),,@)
 CFLAGS  += $(BASE) $(SAN)
 LDFLAGS += $(SAN) -pthread
-DEPLIBS := -lcurl -ljansson
+DEPLIBS := -lcurl -ljansson -lssl -lcrypto
 
 LIB_SRC := $(wildcard src/*.c resolvers/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o)

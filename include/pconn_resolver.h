@@ -54,7 +54,11 @@ typedef struct pconn_http_catalog_options_t {
     int64_t timeout_ms;             /* the whole lookup, every member tried; 0: 2 s */
     size_t max_response_bytes;      /* 0: 1 MiB; larger answers fail while arriving */
     const char *bearer_token;       /* NULL: none; sent as "Authorization: Bearer ..." */
-    const char *ca_file;            /* NULL: the system's CA store; TLS is always verified */
+    const char *ca_file;            /* NULL: the system's CA store (or tls's CA) */
+    struct pconn_tls_config_t *tls; /* NULL: verify with ca_file alone; else a client
+                                       configuration (pconn_tls.h), referenced: its CA,
+                                       client certificate (etcd --client-cert-auth),
+                                       minimum version and verification for https:// */
     int watch;                      /* etcd only: 1 answers from a shared cache kept current
                                        by one etcd watch (below); 0: a request per lookup */
 } pconn_http_catalog_options_t;
@@ -101,6 +105,10 @@ typedef struct pconn_announce_options_t {
     const char *key;      /* full key of this instance, e.g. /services/echo/7001 */
     const char *address;  /* what clients should connect to: "host:port" */
     int ttl_s;            /* 0: 10; etcd may raise a very small TTL to its minimum */
+    struct pconn_tls_config_t *tls; /* https:// members: a client configuration
+                                       (pconn_tls.h; its client certificate for etcd's
+                                       --client-cert-auth), referenced; NULL: the
+                                       system's CA store, no client certificate */
     /* Optional: the announcer's own story, from its thread: etcd unreachable and back
      * (WARNING, INFO, once each per outage), the lease gone and the key registered again
      * (WARNING, INFO). */

@@ -139,6 +139,9 @@ typedef struct pconn_rpc_options_t {
     int64_t handshake_timeout_ms;         /* TCP connect and handshake together; 0: 30 s */
     pconn_heartbeat_t heartbeat;          /* zeros: 30 s timeout, sent every 10 s */
     const struct pconn_transport_t *transport; /* NULL: plain TCP; must outlive the pconn */
+    /* TLS (pconn_tls.h): a client configuration; NULL: none. The pconn takes its own
+     * reference. Not together with transport. Reconnects resume the last session. */
+    struct pconn_tls_config_t *tls;
 } pconn_rpc_options_t;
 
 /* The persistent connection of RPC connections: pconn_create() whose connect makes an
@@ -152,7 +155,8 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
  * an RPC pconn, or pconn_rpc_handler_conn()), and waits up to timeout_ms for the answer.
  * timeout_ms covers everything: waiting for the right to write, sending (a peer that
  * does not read makes it PCONN_ETIMEDOUT "could not send within N ms"; when part of
- * the request had gone out, the connection is closed too, as its stream is broken),
+ * the request had gone out, or with a transport such as TLS any of it had been handed
+ * over, the connection is closed too, as its stream is broken),
  * and the answer. On
  * PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
  * be NULL) says why. Any thread, any number at once. */
@@ -196,6 +200,10 @@ typedef struct pconn_rpc_server_options_t {
                                             told "too many connections (limit N)" in a
                                             CLOSE frame, which its handshake reports */
     const pconn_transport_t *transport;  /* NULL: plain TCP; must outlive the server */
+    /* TLS (pconn_tls.h): a server configuration; NULL: none. The server takes its own
+     * reference. With ca_file/ca_path in it, only clients whose certificate chains to
+     * them get in, and a handler sees their subject and names. Not with transport. */
+    struct pconn_tls_config_t *tls;
     /* Optional: called (on the connection's handshake thread) once the peer is known
      * (its address, and its identity from the transport), before the server's HELLO.
      * Return PCONN_OK to let it in; any other code refuses it: the peer's handshake

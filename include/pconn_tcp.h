@@ -73,10 +73,24 @@ int pconn_tcp_fd(const pconn_conn_t *conn);
  * (a hiredis context is for one thread at a time, which a pconn_pool_t guarantees). */
 void *pconn_tcp_session(const pconn_conn_t *conn);
 
-/* Writes all len bytes to a connection made by pconn_tcp_connect(), never raising
- * SIGPIPE. PCONN_OK, PCONN_EINVAL (not a TCP connection), PCONN_ECLOSED (inherited
- * across fork(), see pconn.h) or PCONN_EIO with err filled (err may be NULL). Blocks until written; pconn_conn_close() makes it fail. */
+/* Writes all len bytes to a connection made by pconn_tcp_connect() or
+ * pconn_tls_create() (through TLS), never raising SIGPIPE. PCONN_OK, PCONN_EINVAL (not
+ * a TCP or TLS connection), PCONN_ECLOSED (closed with pconn_conn_close(), or inherited
+ * across fork(), see pconn.h) or PCONN_EIO with err filled (err may be NULL; for TLS it
+ * names the reason). Blocks until written; pconn_conn_close() makes it fail at once.
+ * Concurrent calls on one connection send their buffers whole, one after the other. */
 int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len,
+                       pconn_error_t *err);
+
+/* Reads up to len bytes from a connection made by pconn_tcp_connect() or
+ * pconn_tls_create() (through TLS), waiting up to timeout_ms (negative: no limit) for
+ * the first. Returns the bytes read (> 0); 0 at the end of the stream (the peer closed;
+ * for TLS also a close without close_notify); -1 with err (may be NULL) filled:
+ * PCONN_ETIMEDOUT, PCONN_ECLOSED (pconn_conn_close() was called, from any thread: it
+ * wakes a blocked call at once; or inherited across fork()), PCONN_EINVAL (not a TCP or
+ * TLS connection, or len 0) or PCONN_EIO. One thread may read while another writes;
+ * concurrent readers take turns. */
+ssize_t pconn_tcp_recv(const pconn_conn_t *conn, void *buf, size_t len, int64_t timeout_ms,
                        pconn_error_t *err);
 
 /* The one-call persistent TCP connection: pconn_create() with connect set to

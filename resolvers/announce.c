@@ -255,7 +255,8 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
         *out = NULL;
     pconn__addr_t parsed;
     if (opts == NULL || out == NULL || opts->etcd_url == NULL || opts->key == NULL ||
-        opts->key[0] == '\0' || opts->ttl_s < 0 || strlen(opts->etcd_url) > 4000) {
+        opts->key[0] == '\0' || opts->ttl_s < 0 || strlen(opts->etcd_url) > 4000 ||
+        (opts->tls != NULL && pconn__tls_config_is_server(opts->tls))) {
         pconn_error_set(err, PCONN_EINVAL, 0, "pconn_announce_start: bad options");
         return PCONN_EINVAL;
     }
@@ -296,7 +297,7 @@ int pconn_announce_start(const pconn_announce_options_t *opts, pconn_announcer_t
     a->on_log_arg = opts->on_log_arg;
     a->value_b64 = instance_value(&parsed, opts->address);
     if (a->base == NULL || a->key_b64 == NULL || a->value_b64 == NULL || a->key == NULL ||
-        pconn__http_init(&a->http, REQUEST_TIMEOUT_MS, MAX_ANSWER_BYTES, NULL, NULL) != PCONN_OK) {
+        pconn__http_init(&a->http, REQUEST_TIMEOUT_MS, MAX_ANSWER_BYTES, NULL, NULL, opts->tls) != PCONN_OK) {
         destroy(a);
         pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_announce_start");
         return PCONN_ENOMEM;

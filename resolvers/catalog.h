@@ -3,7 +3,7 @@
 #ifndef PCONN_CATALOG_H
 #define PCONN_CATALOG_H
 
-#include "internal.h"
+#include "tls.h"
 #include "pconn_resolver.h"
 
 #include <curl/curl.h>
@@ -41,6 +41,8 @@ typedef struct pconn__http_t {
     CURL *easy;
     struct curl_slist *headers;
     char *ca_file;
+    pconn_tls_config_t *tls; /* a reference, or NULL */
+    char errbuf[CURL_ERROR_SIZE]; /* libcurl's details of the last failure */
     int64_t timeout_ms;
     size_t max_bytes;
     atomic_bool aborted;   /* pconn__http_abort(): requests fail at once until cleared */
@@ -52,8 +54,13 @@ typedef struct pconn__http_reply_t {
     size_t len;
 } pconn__http_reply_t;
 
+/* tls (may be NULL) is referenced: its CA, client certificate, minimum version and
+ * verification apply to https:// URLs; ca_file, when set, overrides its CA. */
 PCONN_HIDDEN int pconn__http_init(pconn__http_t *h, int64_t timeout_ms, size_t max_bytes,
-                                  const char *bearer_token, const char *ca_file);
+                                  const char *bearer_token, const char *ca_file,
+                                  pconn_tls_config_t *tls);
+/* The TLS options of h on an easy handle (verification on unless tls says otherwise). */
+PCONN_HIDDEN void pconn__http_tls_setopt(const pconn__http_t *h, CURL *e);
 PCONN_HIDDEN void pconn__http_cleanup(pconn__http_t *h);
 /* GET (post_body NULL) or POST a JSON body. PCONN_OK with *reply filled (any status), or
  * PCONN_ERESOLVE (refused, timed out, too big, ...) / PCONN_ECLOSED (cancelled) with err
@@ -94,7 +101,7 @@ typedef struct pconn__watch_t pconn__watch_t;
 PCONN_HIDDEN pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefix,
                                               const char *range_body, int64_t timeout_ms,
                                               size_t max_bytes, const char *bearer_token,
-                                              const char *ca_file);
+                                              const char *ca_file, pconn_tls_config_t *tls);
 PCONN_HIDDEN void pconn__watch_put(pconn__watch_t *w);
 /* From any thread: while the cache is current, copies the instance pick(arg, n) chose to
  * address and returns 1; 0 when current and empty; -1 when not current (the watch is

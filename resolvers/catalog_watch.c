@@ -349,10 +349,7 @@ static void stream(pconn__watch_t *w, size_t i)
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 5L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 5L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-    if (w->http.ca_file != NULL)
-        curl_easy_setopt(e, CURLOPT_CAINFO, w->http.ca_file);
+    pconn__http_tls_setopt(&w->http, e);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, w->headers);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_stream);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, w);
@@ -467,7 +464,7 @@ static char *concat(const char *a, const char *b)
 
 static pconn__watch_t *watch_new(const char *id, char *const *bases, size_t n, const char *prefix,
                                  const char *range_body, int64_t timeout_ms, size_t max_bytes,
-                                 const char *bearer_token, const char *ca_file)
+                                 const char *bearer_token, const char *ca_file, pconn_tls_config_t *tls)
 {
     pconn__watch_t *w = calloc(1, sizeof *w);
     if (w == NULL)
@@ -479,7 +476,7 @@ static pconn__watch_t *watch_new(const char *id, char *const *bases, size_t n, c
     w->n = n;
     w->timeout_ms = timeout_ms;
     w->max_bytes = max_bytes;
-    if (pconn__http_init(&w->http, timeout_ms, max_bytes, bearer_token, ca_file) != PCONN_OK)
+    if (pconn__http_init(&w->http, timeout_ms, max_bytes, bearer_token, ca_file, tls) != PCONN_OK)
         goto fail;
     w->id = strdup(id);
     w->prefix = strdup(prefix);
@@ -522,9 +519,9 @@ fail:
 
 pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefix,
                                  const char *range_body, int64_t timeout_ms, size_t max_bytes,
-                                 const char *bearer_token, const char *ca_file)
+                                 const char *bearer_token, const char *ca_file, pconn_tls_config_t *tls)
 {
-    size_t idlen = strlen(prefix) + 8 + (bearer_token ? strlen(bearer_token) : 0) +
+    size_t idlen = strlen(prefix) + 40 + (bearer_token ? strlen(bearer_token) : 0) +
                    (ca_file ? strlen(ca_file) : 0);
     for (size_t i = 0; i < n; i++)
         idlen += strlen(bases[i]) + 1;
@@ -534,8 +531,8 @@ pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefi
     size_t off = 0;
     for (size_t i = 0; i < n; i++)
         off += (size_t)snprintf(id + off, idlen - off, "%s,", bases[i]);
-    snprintf(id + off, idlen - off, "\n%s\n%s\n%s", prefix, bearer_token ? bearer_token : "",
-             ca_file ? ca_file : "");
+    snprintf(id + off, idlen - off, "\n%s\n%s\n%s\n%p", prefix, bearer_token ? bearer_token : "",
+             ca_file ? ca_file : "", (void *)tls);
     (void)pconn__fork_generation(); /* registers the fork handler: see pconn__watch_after_fork() */
     pthread_mutex_lock(&registry_mutex);
     pconn__watch_t *w = registry;
@@ -544,7 +541,7 @@ pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefi
     if (w != NULL) {
         w->refs++;
     } else if ((w = watch_new(id, bases, n, prefix, range_body, timeout_ms, max_bytes,
-                              bearer_token, ca_file)) != NULL) {
+                              bearer_token, ca_file, tls)) != NULL) {
         w->next = registry;
         registry = w;
     }

@@ -52,7 +52,7 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *arg)
 }
 
 int pconn__http_init(pconn__http_t *h, int64_t timeout_ms, size_t max_bytes,
-                     const char *bearer_token, const char *ca_file)
+                     const char *bearer_token, const char *ca_file, pconn_tls_config_t *tls)
 {
     memset(h, 0, sizeof *h);
     pthread_once(&curl_once, curl_init);
@@ -67,6 +67,8 @@ int pconn__http_init(pconn__http_t *h, int64_t timeout_ms, size_t max_bytes,
         goto fail;
     if (ca_file != NULL && (h->ca_file = strdup(ca_file)) == NULL)
         goto fail;
+    pconn_tls_config_ref(tls);
+    h->tls = tls;
     h->headers = curl_slist_append(NULL, "Content-Type: application/json");
     if (h->headers == NULL)
         goto fail;
@@ -96,7 +98,50 @@ void pconn__http_cleanup(pconn__http_t *h)
         curl_multi_cleanup(h->multi);
     curl_slist_free_all(h->headers);
     free(h->ca_file);
+    pconn_tls_config_unref(h->tls);
     memset(h, 0, sizeof *h);
+}
+
+void pconn__http_tls_setopt(const pconn__http_t *h, CURL *e)
+{
+    const pconn_tls_options_t *o = h->tls != NULL ? pconn__tls_config_options(h->tls) : NULL;
+    bool verify = o == NULL || !o->insecure_skip_verify;
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify ? 1L : 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);
+    const char *ca = h->ca_file != NULL ? h->ca_file : o != NULL ? o->ca_file : NULL;
+    if (ca != NULL)
+        curl_easy_setopt(e, CURLOPT_CAINFO, ca);
+    if (o == NULL)
+        return;
+    if (o->ca_path != NULL)
+        curl_easy_setopt(e, CURLOPT_CAPATH, o->ca_path);
+    if (o->cert_file != NULL) {
+        curl_easy_setopt(e, CURLOPT_SSLCERT, o->cert_file);
+        curl_easy_setopt(e, CURLOPT_SSLKEY, o->key_file != NULL ? o->key_file : o->cert_file);
+    }
+    curl_easy_setopt(e, CURLOPT_SSLVERSION,
+                     o->min_version == PCONN_TLS_1_3 ? (long)CURL_SSLVERSION_TLSv1_3 : (long)CURL_SSLVERSION_TLSv1_2);
+}
+
+/* A server that requires a client certificate refuses one that has none with an alert
+ * after the handshake (TLS 1.3), which libcurl reports as a failed send or receive, or
+ * as the alert (etcd sends "bad certificate", others "certificate required"). */
+static const char *tls_words(const pconn__http_t *h, const char *url, CURLcode rc)
+{
+    if (strncasecmp(url, "https://", 8) != 0)
+        return NULL;
+    const pconn_tls_options_t *o = h->tls != NULL ? pconn__tls_config_options(h->tls) : NULL;
+    bool have_cert = o != NULL && o->cert_file != NULL;
+    const char *d = h->errbuf;
+    if (strstr(d, "alert unknown ca") != NULL)
+        return "TLS: the peer rejected our certificate: unknown CA";
+    if (!have_cert && (strstr(d, "alert certificate required") != NULL ||
+                       strstr(d, "alert bad certificate") != NULL ||
+                       rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR))
+        return "TLS: no client certificate: the server requires one, it seems (set cert_file and key_file)";
+    if (have_cert && strstr(d, "alert bad certificate") != NULL)
+        return "TLS: the peer rejected our certificate";
+    return NULL;
 }
 
 /* libcurl's sockets must not leak into a child after fork+exec: close-on-exec. */
@@ -116,15 +161,14 @@ static void setup(pconn__http_t *h, const char *url, const char *post_body, sink
     curl_easy_reset(e); /* keeps the connection cache of the multi handle */
     curl_easy_setopt(e, CURLOPT_URL, url);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    h->errbuf[0] = '\0';
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, h->errbuf);
     curl_easy_setopt(e, CURLOPT_SOCKOPTFUNCTION, pconn__http_sockopt_cloexec);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)h->timeout_ms);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)h->timeout_ms);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-    if (h->ca_file != NULL)
-        curl_easy_setopt(e, CURLOPT_CAINFO, h->ca_file);
+    pconn__http_tls_setopt(h, e);
     curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)h->max_bytes);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, h->headers);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_data);
@@ -202,8 +246,14 @@ int pconn__http_request(pconn__http_t *h, const char *url, const char *post_body
         free(sink.data);
         long os_errno = 0;
         curl_easy_getinfo(h->easy, CURLINFO_OS_ERRNO, &os_errno);
-        pconn_error_set(err, PCONN_ERESOLVE, (int)os_errno, "catalog %s: %s", url,
-                        curl_easy_strerror(rc));
+        /* TLS failures in words, with libcurl's details; else libcurl's own words. */
+        const char *d = h->errbuf, *words = tls_words(h, url, rc);
+        if (words != NULL)
+            pconn_error_set(err, PCONN_ERESOLVE, (int)os_errno, "catalog %s: %s: %s (%s)", url, words,
+                            curl_easy_strerror(rc), d);
+        else
+            pconn_error_set(err, PCONN_ERESOLVE, (int)os_errno, "catalog %s: %s", url,
+                            curl_easy_strerror(rc));
         return PCONN_ERESOLVE;
     }
     curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &reply->status);

@@ -171,7 +171,8 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
         opts->format > PCONN_CATALOG_CONSUL || opts->timeout_ms < 0 ||
         (opts->watch != 0 && (opts->watch != 1 || opts->format != PCONN_CATALOG_ETCD)) ||
         (opts->format == PCONN_CATALOG_ETCD && (opts->key == NULL || opts->key[0] == '\0')) ||
-        (opts->format == PCONN_CATALOG_CONSUL && !consul_name_ok(opts->key))) {
+        (opts->format == PCONN_CATALOG_CONSUL && !consul_name_ok(opts->key)) ||
+        (opts->tls != NULL && pconn__tls_config_is_server(opts->tls))) {
         errno = EINVAL;
         return NULL;
     }
@@ -194,7 +195,7 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
         c->rng = (uint64_t)(uintptr_t)c;
     c->timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : DEFAULT_TIMEOUT_MS;
     size_t max = opts->max_response_bytes > 0 ? opts->max_response_bytes : DEFAULT_MAX_BYTES;
-    if (pconn__http_init(&c->http, c->timeout_ms, max, opts->bearer_token, opts->ca_file) != PCONN_OK) {
+    if (pconn__http_init(&c->http, c->timeout_ms, max, opts->bearer_token, opts->ca_file, opts->tls) != PCONN_OK) {
         pconn__http_url_list_free(bases, n);
         free(c);
         errno = ENOMEM;
@@ -224,7 +225,7 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
     }
     if (opts->watch == 1 &&
         (c->watch = pconn__watch_get(bases, n, opts->key, c->post_body, c->timeout_ms, max,
-                                     opts->bearer_token, opts->ca_file)) == NULL)
+                                     opts->bearer_token, opts->ca_file, opts->tls)) == NULL)
         goto nomem;
     pconn__http_url_list_free(bases, n);
     bases = NULL;

@@ -13,6 +13,9 @@
  * on would corrupt state (libuv does the same). */
 PCONN_HIDDEN void pconn__mutex_lock(pthread_mutex_t *m);
 PCONN_HIDDEN void pconn__mutex_unlock(pthread_mutex_t *m);
+/* Locks m before the CLOCK_MONOTONIC deadline (ns; 0: only if free now; INT64_MAX: no
+ * limit). True when locked. */
+PCONN_HIDDEN bool pconn__mutex_lock_until(pthread_mutex_t *m, int64_t deadline_ns);
 /* Initialises an adaptive mutex (spins briefly before sleeping): for locks held a few
  * instructions at a time by many threads. */
 PCONN_HIDDEN int pconn__mutex_init_adaptive(pthread_mutex_t *m);

@@ -2,6 +2,7 @@
  * connection (TCP connect and handshake within handshake_timeout_ms); and
  * pconn_rpc_dispatch(), wait-then-call in one line. */
 #include "rpc.h"
+#include "tls.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@ typedef struct rpc_client_t {
     pconn_tcp_options_t tcp;
     rpc_config_t cfg;
     int64_t handshake_ms;
+    pconn__tls_endpoint_t *tls; /* or NULL */
 } rpc_client_t;
 
 static void client_free(void *arg)
@@ -20,6 +22,7 @@ static void client_free(void *arg)
     pconn__rpc_pool_release(cl->cfg.pool); /* from one of its handlers: waits for none */
     pconn_rpc_impls_free(cl->cfg.impls);   /* the client's reference */
     pconn__rpc_stats_unref(cl->cfg.stats);
+    pconn__tls_endpoint_free(cl->tls);
     free((char *)cl->tcp.bind_address);
     free(cl);
 }
@@ -61,8 +64,13 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out)
     cl->tcp.nodelay = true;
     if (opts->bind_address != NULL && (cl->tcp.bind_address = strdup(opts->bind_address)) == NULL)
         goto fail;
+    if (opts->tls != NULL && (opts->transport != NULL ||
+                              (cl->tls = pconn__tls_endpoint_new(opts->tls, false, &err)) == NULL)) {
+        rc = opts->transport != NULL ? PCONN_EINVAL : err.code;
+        goto fail;
+    }
     pconn__rpc_config(&cl->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
-                      opts->transport);
+                      cl->tls != NULL ? pconn__tls_endpoint_transport(cl->tls) : opts->transport);
     cl->cfg.impls = NULL; /* referenced below, once nothing can fail before client_free */
     if ((cl->cfg.stats = pconn__rpc_stats_new()) == NULL)
         goto fail;

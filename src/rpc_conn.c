@@ -3,6 +3,7 @@
  * c->lock is held only briefly, never while writing or calling out; c->wlock only by a
  * writer, never together with c->lock. */
 #include "rpc.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -155,30 +156,7 @@ enum { WF_OK = 0, WF_ERROR = -1, WF_TIMEOUT = -2, WF_TIMEOUT_MIDFRAME = -3 };
  * (issue 9, defect 3). A mutex, as the hand-over between writers is the hot path. */
 static bool writer_enter(rpc_conn_t *c, int64_t deadline_ns)
 {
-    if (deadline_ns == 0)
-        return pthread_mutex_trylock(&c->wlock) == 0;
-    if (deadline_ns == INT64_MAX) {
-        pconn__mutex_lock(&c->wlock);
-        return true;
-    }
-    /* pthread_mutex_timedlock() counts on CLOCK_REALTIME (ThreadSanitizer knows no
-     * pthread_mutex_clocklock()): waits of at most 50 ms each, measured afresh against
-     * the monotonic deadline, so a clock step moves the bound by one slice at most. */
-    for (;;) {
-        int64_t left = deadline_ns - pconn__mono_ns();
-        if (left <= 0)
-            return pthread_mutex_trylock(&c->wlock) == 0;
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        int64_t at = (int64_t)ts.tv_nsec + (left < 50000000 ? left : 50000000);
-        ts.tv_sec += at / 1000000000;
-        ts.tv_nsec = at % 1000000000;
-        int rc = pthread_mutex_timedlock(&c->wlock, &ts);
-        if (rc == 0)
-            return true;
-        if (rc != ETIMEDOUT && rc != EINTR)
-            abort(); /* a library bug, as pconn__mutex_lock() */
-    }
+    return pconn__mutex_lock_until(&c->wlock, deadline_ns);
 }
 
 static void writer_leave(rpc_conn_t *c)
@@ -238,8 +216,10 @@ static int transport_write_all(rpc_conn_t *c, const uint8_t *p, size_t len, int6
         if (n < 0 && errno == EAGAIN) {
             struct pollfd pfd = {.fd = c->fd, .events = transport_wants(c, 1)};
             int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            /* The session may hold part of what it was given (an OpenSSL record that
+             * must be retried with the same bytes): giving up breaks the stream. */
             if (rc == 0)
-                return *sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
+                return WF_TIMEOUT_MIDFRAME;
             if (rc < 0 && errno != EINTR)
                 return WF_ERROR;
             continue;
@@ -291,6 +271,15 @@ static int write_frames(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t de
 {
     if (!writer_enter(c, deadline_ns))
         return WF_TIMEOUT;
+    if (c->cfg.transport != NULL && deadline_ns == 0) {
+        /* Not waiting means not starting unless there is room: a transport's write
+         * cannot be taken back (see transport_write_all()). */
+        struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+        if (poll(&pfd, 1, 0) != 1 || (pfd.revents & POLLOUT) == 0) {
+            writer_leave(c);
+            return WF_TIMEOUT;
+        }
+    }
     int rc = c->cfg.transport == NULL ? send_plain(c, iov, iovcnt, deadline_ns)
                                       : send_transport(c, iov, iovcnt, deadline_ns);
     int e = errno;
@@ -533,7 +522,18 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
     hello[13] = 1;
     pconn__put_u16(hello + 14, RPC_VERSION);
     if (write_frame(c, hello, sizeof hello, NULL, 0, c->handshake_deadline_ns) != WF_OK) {
-        pconn_error_set(err, PCONN_EHANDSHAKE, errno, "rpc %s: handshake: write", c->address);
+        int e = errno;
+        /* A TLS 1.3 server refuses a client certificate after the client's handshake is
+         * done: its alert is waiting to be read, and says why. */
+        uint8_t alert[64];
+        const char *tls_why = pconn__tls_why(c->cfg.transport, c->session);
+        if (tls_why != NULL && raw_read(c, alert, sizeof alert) < 0)
+            tls_why = pconn__tls_why(c->cfg.transport, c->session);
+        if (tls_why != NULL) {
+            pconn_error_set(err, PCONN_EHANDSHAKE, e, "rpc %s: handshake: %s", c->address, tls_why);
+            return PCONN_EHANDSHAKE;
+        }
+        pconn_error_set(err, PCONN_EHANDSHAKE, e, "rpc %s: handshake: write", c->address);
         return PCONN_EHANDSHAKE;
     }
     uint8_t *payload = NULL, head[9];
@@ -551,14 +551,18 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
         return PCONN_EHANDSHAKE;
     }
     if (rc == PCONN_EIO) {
-        pconn_error_set(err, PCONN_EHANDSHAKE, sys_errno, "rpc %s: handshake: connection closed by peer",
-                        c->address);
+        const char *tls_why = pconn__tls_why(c->cfg.transport, c->session);
+        pconn_error_set(err, PCONN_EHANDSHAKE, sys_errno, "rpc %s: handshake: %s", c->address,
+                        tls_why != NULL ? tls_why : "connection closed by peer");
         return PCONN_EHANDSHAKE;
     }
     rpc_msg_t m = {0};
     char why[128] = "";
     if (rc == PCONN_OK)
         rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);
+    else if (c->cfg.transport == NULL && ((big >> 56) == 0x15 || (big >> 56) == 0x16) &&
+             ((big >> 48) & 0xff) == 0x03)
+        snprintf(why, sizeof why, "the peer answered in TLS: it is a TLS server (set tls)");
     else
         snprintf(why, sizeof why, "first frame is not a HELLO (length %llu)", (unsigned long long)big);
     if (rc == PCONN_OK && m.type == RPC_CLOSE) { /* refused: say why, as the peer said */
@@ -733,6 +737,11 @@ static void *reader_main(void *arg)
                  (long long)c->cfg.hb_timeout_ms);
             break;
         }
+        const char *tls_why = rc == PCONN_EIO ? pconn__tls_why(c->cfg.transport, c->session) : NULL;
+        if (tls_why != NULL) {
+            fail(c, PCONN_EIO, "connection lost: %s", tls_why);
+            break;
+        }
         if (rc == PCONN_EIO) {
             if (sys_errno != 0)
                 fail(c, PCONN_EIO, "connection lost: %s", strerror(sys_errno));
@@ -861,6 +870,21 @@ bool pconn__rpc_conn_done(pconn_conn_t *conn)
     return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->reader_done);
 }
 
+/* A plaintext client at a TLS server: told so in its own protocol, a CLOSE frame in
+ * plaintext, so that its handshake says why instead of "closed by peer". What it sent
+ * is read first, so that closing sends FIN, not a reset that could discard the frame. */
+static void refuse_plaintext(rpc_conn_t *c)
+{
+    static const char msg[] = "this server requires TLS";
+    uint8_t f[13 + sizeof msg - 1], junk[512];
+    frame_head(f, RPC_CLOSE, 4, sizeof msg - 1);
+    pconn__put_u32(f + 9, PCONN_EHANDSHAKE);
+    memcpy(f + 13, msg, sizeof msg - 1);
+    while (recv(c->fd, junk, sizeof junk, MSG_DONTWAIT) > 0)
+        ;
+    (void)send(c->fd, f, sizeof f, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 /* The transport's session and its own handshake, within the handshake's deadline and
  * interruptible by its cancel fd; then the peer's identity. */
 static int transport_start(rpc_conn_t *c, pconn_error_t *err)
@@ -881,6 +905,8 @@ static int transport_start(rpc_conn_t *c, pconn_error_t *err)
         if (errno != EAGAIN) {
             pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
                             local.message[0] != '\0' ? local.message : "handshake failed");
+            if (c->cfg.server && strstr(local.message, "plaintext peer") != NULL)
+                refuse_plaintext(c);
             return PCONN_EHANDSHAKE;
         }
         int rc = wait_readable(c); /* polls for wants(session, 0), deadline, cancel fd */

@@ -1,6 +1,7 @@
 /* rpc_server.c - the server side: an accepting thread; per connection a reader thread
  * that first runs the handshake; queries run on a shared handler pool. */
 #include "rpc.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -42,6 +43,7 @@ struct pconn_rpc_server_t {
     pthread_t acceptor;
     rpc_config_t cfg;
     int64_t handshake_ms;
+    pconn__tls_endpoint_t *tls; /* or NULL */
     char address[PCONN_ADDRESS_MAX];
     pthread_mutex_t mutex;
     pthread_cond_t cond;  /* greeters or readers finished */
@@ -241,15 +243,24 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     pconn_error_t local;
     if (err == NULL)
         err = &local;
+    if (opts->tls != NULL && opts->transport != NULL) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "pconn_rpc_server_start: tls and transport both set");
+        return PCONN_EINVAL;
+    }
     pconn_rpc_server_t *srv = calloc(1, sizeof *srv);
     if (srv == NULL) {
         pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "pconn_rpc_server_start");
         return PCONN_ENOMEM;
     }
+    if (opts->tls != NULL && (srv->tls = pconn__tls_endpoint_new(opts->tls, true, err)) == NULL) {
+        free(srv);
+        return err->code;
+    }
     srv->lfd = pconn_tcp_listen(opts->listen_address, 0, err);
     if (srv->lfd < 0) {
         int code = err->code == PCONN_EINVAL ? PCONN_EINVAL : PCONN_EIO;
         err->code = code;
+        pconn__tls_endpoint_free(srv->tls);
         free(srv);
         return code;
     }
@@ -261,7 +272,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     pthread_cond_init(&srv->cond, NULL);
     srv->handshake_ms = opts->handshake_timeout_ms > 0 ? opts->handshake_timeout_ms : RPC_DEFAULT_HANDSHAKE_MS;
     pconn__rpc_config(&srv->cfg, opts->implementations, opts->max_message_size, &opts->heartbeat,
-                      opts->transport);
+                      srv->tls != NULL ? pconn__tls_endpoint_transport(srv->tls) : opts->transport);
     srv->cfg.server = true;
     srv->cfg.authorize = opts->authorize;
     srv->cfg.authorize_arg = opts->authorize_arg;
@@ -284,6 +295,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
         pconn__rpc_stats_unref(srv->cfg.stats);
         pthread_cond_destroy(&srv->cond);
         pthread_mutex_destroy(&srv->mutex);
+        pconn__tls_endpoint_free(srv->tls);
         free(srv);
         pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "pconn_rpc_server_start");
         return PCONN_ENOMEM;
@@ -330,6 +342,7 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     close(srv->stop_fd);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mutex);
+    pconn__tls_endpoint_free(srv->tls); /* connections still referenced hold their own */
     free(srv);
 }
 

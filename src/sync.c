@@ -126,3 +126,31 @@ void pconn__wake_drain(int fd)
     while (read(fd, &n, sizeof n) < 0 && errno == EINTR)
         ;
 }
+
+bool pconn__mutex_lock_until(pthread_mutex_t *m, int64_t deadline_ns)
+{
+    if (deadline_ns == 0)
+        return pthread_mutex_trylock(m) == 0;
+    if (deadline_ns == INT64_MAX) {
+        pconn__mutex_lock(m);
+        return true;
+    }
+    /* pthread_mutex_timedlock() counts on CLOCK_REALTIME (ThreadSanitizer knows no
+     * pthread_mutex_clocklock()): waits of at most 50 ms each, measured afresh against
+     * the monotonic deadline, so a clock step moves the bound by one slice at most. */
+    for (;;) {
+        int64_t left = deadline_ns - pconn__mono_ns();
+        if (left <= 0)
+            return pthread_mutex_trylock(m) == 0;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        int64_t at = (int64_t)ts.tv_nsec + (left < 50000000 ? left : 50000000);
+        ts.tv_sec += at / 1000000000;
+        ts.tv_nsec = at % 1000000000;
+        int rc = pthread_mutex_timedlock(m, &ts);
+        if (rc == 0)
+            return true;
+        if (rc != ETIMEDOUT && rc != EINTR)
+            abort(); /* a library bug, as pconn__mutex_lock() */
+    }
+}

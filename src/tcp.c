@@ -1,6 +1,7 @@
 /* tcp.c - TCP and Unix stream connections: a cancellable non-blocking connect over every
  * address of a name, socket options, and the listening side servers and tests use. */
 #include "rpc.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -374,23 +375,77 @@ int pconn_tcp_fd(const pconn_conn_t *conn)
     return ((tcp_conn_t *)pconn_conn_impl(conn))->fd;
 }
 
-int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len, pconn_error_t *err)
+/* The checks pconn_tcp_send_all() and pconn_tcp_recv() share: PCONN_OK for a TCP or
+ * TLS connection that was not inherited across fork(). */
+static int io_check(const pconn_conn_t *conn, const char *fn, const char *what, pconn_error_t *err)
 {
-    int fd = pconn_tcp_fd(conn);
-    if (fd < 0) {
-        pconn_error_set(err, PCONN_EINVAL, 0, "pconn_tcp_send_all: not a TCP connection");
+    if (pconn_tcp_fd(conn) < 0 && !pconn_tls_is_tls(conn)) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "%s: not a TCP or TLS connection", fn);
         return PCONN_EINVAL;
     }
     if (pconn__conn_inherited(conn)) {
-        pconn_error_set(err, PCONN_ECLOSED, 0, "send to %s: connection inherited across fork()",
+        pconn_error_set(err, PCONN_ECLOSED, 0, "%s %s: connection inherited across fork()", what,
                         pconn_conn_address(conn));
         return PCONN_ECLOSED;
     }
+    return PCONN_OK;
+}
+
+ssize_t pconn_tcp_recv(const pconn_conn_t *conn, void *buf, size_t len, int64_t timeout_ms,
+                       pconn_error_t *err)
+{
+    if (io_check(conn, "pconn_tcp_recv", "recv from", err) != PCONN_OK)
+        return -1;
+    if (len == 0 || buf == NULL) {
+        pconn_error_set(err, PCONN_EINVAL, 0, "pconn_tcp_recv: %s", buf == NULL ? "buf is NULL" : "len is 0");
+        return -1;
+    }
+    if (pconn_tls_is_tls(conn))
+        return pconn__tls_recv(conn, buf, len, timeout_ms, err);
+    int fd = pconn_tcp_fd(conn);
+    int64_t deadline = pconn__deadline_ns(timeout_ms);
+    for (;;) {
+        if (pconn_conn_is_closed(conn))
+            break;
+        ssize_t n = recv(fd, buf, len, MSG_DONTWAIT);
+        if (n > 0 || (n == 0 && !pconn_conn_is_closed(conn)))
+            return n;
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            if (pconn_conn_is_closed(conn))
+                break;
+            pconn_error_set(err, PCONN_EIO, errno, "recv from %s", pconn_conn_address(conn));
+            return -1;
+        }
+        /* pconn_conn_close() is shutdown(2): it wakes this poll() at once. */
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int rc = poll(&pfd, 1, pconn__poll_timeout_ms(deadline));
+        if (rc == 0) {
+            pconn_error_set(err, PCONN_ETIMEDOUT, 0, "recv from %s: timed out after %lld ms",
+                            pconn_conn_address(conn), (long long)timeout_ms);
+            return -1;
+        }
+    }
+    pconn_error_set(err, PCONN_ECLOSED, 0, "recv from %s: connection closed", pconn_conn_address(conn));
+    return -1;
+}
+
+int pconn_tcp_send_all(const pconn_conn_t *conn, const void *buf, size_t len, pconn_error_t *err)
+{
+    int rc = io_check(conn, "pconn_tcp_send_all", "send to", err);
+    if (rc != PCONN_OK)
+        return rc;
+    if (pconn_tls_is_tls(conn))
+        return pconn__tls_send_all(conn, buf, len, err);
+    int fd = pconn_tcp_fd(conn);
     const char *p = buf;
     while (len > 0) {
         ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n <= 0 && pconn_conn_is_closed(conn)) {
+            pconn_error_set(err, PCONN_ECLOSED, 0, "send to %s: connection closed", pconn_conn_address(conn));
+            return PCONN_ECLOSED;
+        }
         if (n <= 0) {
             pconn_error_set(err, PCONN_EIO, n < 0 ? errno : 0, "send to %s", pconn_conn_address(conn));
             return PCONN_EIO;

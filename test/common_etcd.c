@@ -75,7 +75,7 @@ static void *log_main(void *arg)
 static int spawn(tetcd_t *e)
 {
     char client[64], peer[64], cluster[sizeof e->cluster], name_arg[80];
-    snprintf(client, sizeof client, "http://127.0.0.1:%d", e->client_port);
+    snprintf(client, sizeof client, "%s://127.0.0.1:%d", e->tls_dir[0] ? "https" : "http", e->client_port);
     snprintf(peer, sizeof peer, "http://127.0.0.1:%d", e->peer_port);
     if (e->cluster[0] != '\0')
         snprintf(cluster, sizeof cluster, "%s", e->cluster);
@@ -86,7 +86,21 @@ static int spawn(tetcd_t *e)
                     "--listen-client-urls", client, "--advertise-client-urls", client,
                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                     "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                    "--heartbeat-interval", "10", "--election-timeout", "100", NULL};
+                    "--heartbeat-interval", "10", "--election-timeout", "100", NULL, NULL, NULL,
+                    NULL, NULL, NULL, NULL, NULL, NULL};
+    char cert[300], key[300], ca[300];
+    if (e->tls_dir[0] != '\0') {
+        snprintf(cert, sizeof cert, "--cert-file=%s/server.pem", e->tls_dir);
+        snprintf(key, sizeof key, "--key-file=%s/server.key", e->tls_dir);
+        snprintf(ca, sizeof ca, "--trusted-ca-file=%s/ca.pem", e->tls_dir);
+        size_t a = 0;
+        while (argv[a] != NULL)
+            a++;
+        argv[a++] = cert;
+        argv[a++] = key;
+        argv[a++] = ca;
+        argv[a++] = "--client-cert-auth";
+    }
     /* etcd reads ETCD_* variables as flags: leave them out. */
     size_t n = 0;
     while (environ[n] != NULL)
@@ -168,6 +182,15 @@ static int prepare(tetcd_t *e)
 int tetcd_start(tetcd_t *e)
 {
     return prepare(e) == 0 ? launch(e) : -1;
+}
+
+int tetcd_start_tls(tetcd_t *e, const char *dir)
+{
+    if (prepare(e) != 0)
+        return -1;
+    snprintf(e->tls_dir, sizeof e->tls_dir, "%s", dir);
+    snprintf(e->url, sizeof e->url, "https://127.0.0.1:%d", e->client_port);
+    return launch(e);
 }
 
 int tetcd_cluster_start(tetcd_t *m, int n)

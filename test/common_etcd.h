@@ -14,6 +14,7 @@ typedef struct tetcd_t {
     char dir[256];
     char name[64];
     char cluster[512];    /* --initial-cluster of a cluster member; "" alone */
+    char tls_dir[200];    /* "": plaintext; else https with client-cert-auth (below) */
     pthread_t reader;
     pthread_mutex_t mutex;
     pthread_cond_t cond;
@@ -23,6 +24,11 @@ typedef struct tetcd_t {
 /* Starts etcd on new free ports with a fresh data directory; waits until it serves.
  * 0, or -1 (the reason on stderr). */
 int tetcd_start(tetcd_t *e);
+/* As tetcd_start(), serving clients over TLS only, with etcd's --client-cert-auth:
+ * dir holds test/tls-certs.sh's files (server.pem/key for etcd, ca.pem for clients'
+ * certificates). The URL is https://127.0.0.1:PORT. The tetcd_* helpers below speak
+ * plaintext: not for such an etcd. */
+int tetcd_start_tls(tetcd_t *e, const char *dir);
 /* Starts a cluster of n members (at most 5) on free ports; waits until each serves.
  * 0, or -1. Each member is then a tetcd_t as above (kill, restart, stop). */
 int tetcd_cluster_start(tetcd_t *members, int n);

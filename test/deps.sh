@@ -5,6 +5,7 @@ set -e
 missing=""
 have_header() { printf '#include <%s>\n' "$1" | ${CC:-cc} -E -x c - >/dev/null 2>&1; }
 have_header curl/curl.h     || missing="$missing libcurl4-openssl-dev"
+have_header openssl/ssl.h   || missing="$missing libssl-dev"
 have_header jansson.h       || missing="$missing libjansson-dev"
 have_header CUnit/CUnit.h   || missing="$missing libcunit1-dev"
 have_header zmq.h           || missing="$missing libzmq3-dev"    # the benchmarks' baseline

@@ -488,12 +488,17 @@ static void test_send_after_close_no_sigpipe(void)
     pconn_conn_t *c = NULL;
     pconn_error_t err;
     CU_ASSERT_EQUAL_FATAL(pconn_tcp_connect(NULL, s.address, &c, &err), PCONN_OK);
-    pconn_conn_close(c);
-    /* SIGPIPE's default action would end this process here. */
+    /* The socket shut down under the connection, as a peer's reset would: SIGPIPE's
+     * default action would end this process here. */
+    shutdown(pconn_tcp_fd(c), SHUT_RDWR);
     static char big[1 << 16];
     CU_ASSERT_EQUAL(pconn_tcp_send_all(c, big, sizeof big, &err), PCONN_EIO);
     CU_ASSERT_EQUAL(err.sys_errno, EPIPE);
     CU_ASSERT_PTR_NOT_NULL(strstr(err.message, s.address));
+    /* Closed by us: said so. */
+    pconn_conn_close(c);
+    CU_ASSERT_EQUAL(pconn_tcp_send_all(c, big, sizeof big, &err), PCONN_ECLOSED);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "connection closed"));
     pconn_conn_unref(c);
 
     /* Not a TCP connection. */

@@ -3,6 +3,7 @@
 #include "bench.h"
 #include "pconn_rpc.h"
 #include "pconn_tcp.h"
+#include "pconn_tls.h"
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -127,22 +128,46 @@ static double zmq_median(int n)
 /* ---- libpconn ------------------------------------------------------------------- */
 
 typedef struct rig_t {
+    pconn_tls_config_t *tls_server, *tls_client; /* both NULL: plain TCP */
     pconn_rpc_impls_t *impls;
     pconn_rpc_server_t *srv;
     pconn_t *pc;
     pconn_conn_t *conn;
 } rig_t;
 
-static void rig_up(rig_t *r)
+/* A server and a client connected to it; over TLS when tls_dir is set (certificates
+ * made by test/tls-certs.sh). */
+static void rig_up_tls(rig_t *r, const char *tls_dir, int resume, int64_t (*retry)(void *, unsigned))
 {
+    memset(r, 0, sizeof *r);
+    if (tls_dir != NULL) {
+        char ca[300], cert[300], key[300];
+        snprintf(ca, sizeof ca, "%s/ca.pem", tls_dir);
+        snprintf(cert, sizeof cert, "%s/server.pem", tls_dir);
+        snprintf(key, sizeof key, "%s/server.key", tls_dir);
+        pconn_tls_options_t so = {.cert_file = cert, .key_file = key}, co = {.ca_file = ca};
+        co.no_session_resumption = !resume;
+        if (pconn_tls_config_new(&so, 1, &r->tls_server, NULL) != PCONN_OK ||
+            pconn_tls_config_new(&co, 0, &r->tls_client, NULL) != PCONN_OK)
+            abort();
+    }
     r->impls = pconn_rpc_impls_new();
     pconn_rpc_impls_add(r->impls, "echo", 1, h_echo, NULL);
-    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = r->impls};
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = r->impls,
+                                     .tls = r->tls_server};
     pconn_rpc_server_start(&so, &r->srv, NULL);
     const char *address = pconn_rpc_server_address(r->srv);
-    pconn_rpc_options_t o = {.base = {.server_name = "bench", .resolver = pconn_resolver_static(&address, 1)}};
+    pconn_rpc_options_t o = {.base = {.server_name = "bench", .resolver = pconn_resolver_static(&address, 1),
+                                      .retry_delay = retry},
+                             .tls = r->tls_client};
     pconn_rpc_create(&o, &r->pc);
-    pconn_connected(r->pc, 10000, &r->conn);
+    if (pconn_connected(r->pc, 10000, &r->conn) != PCONN_OK)
+        abort();
+}
+
+static void rig_up(rig_t *r)
+{
+    rig_up_tls(r, NULL, 0, NULL);
 }
 
 static void rig_down(rig_t *r)
@@ -151,6 +176,8 @@ static void rig_down(rig_t *r)
     pconn_free(r->pc);
     pconn_rpc_server_stop(r->srv);
     pconn_rpc_impls_free(r->impls);
+    pconn_tls_config_unref(r->tls_server);
+    pconn_tls_config_unref(r->tls_client);
 }
 
 static void bench_roundtrip(void)
@@ -540,6 +567,100 @@ static void bench_flood(void)
                  "(reported; goal <= pool size + 4)", true);
 }
 
+/* ---- TLS against plain TCP ----------------------------------------------------- */
+
+static double roundtrip_median(const char *tls_dir)
+{
+    rig_t r;
+    rig_up_tls(&r, tls_dir, 1, NULL);
+    char req[MSG] = {0};
+    int64_t *lat = calloc(ROUNDS, sizeof *lat);
+    for (int i = 0; i < ROUNDS; i++) {
+        pconn_buf_t resp;
+        int64_t t0 = bench_now_ns();
+        pconn_rpc_call(r.conn, "echo", 1, req, MSG, &resp, 10000, NULL);
+        lat[i] = bench_now_ns() - t0;
+        pconn_buf_free(&resp);
+    }
+    double med = bench_percentile(lat, ROUNDS, 50);
+    free(lat);
+    rig_down(&r);
+    return med;
+}
+
+static double threads_rate(const char *tls_dir, int seconds)
+{
+    enum { T = 16 };
+    rig_t r;
+    rig_up_tls(&r, tls_dir, 1, NULL);
+    worker_t w[T];
+    int64_t t0 = bench_now_ns();
+    for (int i = 0; i < T; i++) {
+        w[i] = (worker_t){.conn = r.conn, .until_ns = t0 + (int64_t)seconds * 1000000000};
+        pthread_create(&w[i].thread, NULL, rpc_worker, &w[i]);
+    }
+    uint64_t calls = 0;
+    for (int i = 0; i < T; i++) {
+        pthread_join(w[i].thread, NULL);
+        calls += w[i].calls;
+    }
+    double rate = (double)calls / ((double)(bench_now_ns() - t0) / 1e9);
+    rig_down(&r);
+    return rate;
+}
+
+/* From closing the connection to the first answer on the next one, median of n. */
+static double reconnect_median(const char *tls_dir, int resume, int n)
+{
+    rig_t r;
+    rig_up_tls(&r, tls_dir, resume, no_delay);
+    char req[MSG] = {0};
+    int64_t *lat = calloc((size_t)n, sizeof *lat);
+    for (int i = 0; i < n; i++) {
+        pconn_conn_t *c = NULL;
+        pconn_connected(r.pc, 10000, &c);
+        pconn_conn_close(c);
+        pconn_conn_unref(c);
+        int64_t t0 = bench_now_ns();
+        pconn_buf_t resp;
+        while (pconn_rpc_dispatch(r.pc, "echo", 1, req, MSG, &resp, 10000, NULL) != PCONN_OK)
+            ;
+        lat[i] = bench_now_ns() - t0;
+        pconn_buf_free(&resp);
+    }
+    double m = bench_percentile(lat, (size_t)n, 50);
+    free(lat);
+    rig_down(&r);
+    return m;
+}
+
+static void bench_tls(void)
+{
+    char dir[] = "/tmp/pconn-bench-tls-XXXXXX", cmd[300];
+    if (mkdtemp(dir) == NULL)
+        return;
+    snprintf(cmd, sizeof cmd, "test/tls-certs.sh %s", dir);
+    if (system(cmd) != 0) {
+        fprintf(stderr, "bench_tls: test/tls-certs.sh failed (run from the repository)\n");
+        return;
+    }
+    double plain = roundtrip_median(NULL), tls = roundtrip_median(dir);
+    bench_report("rpc_roundtrip_tls", tls / 1000, "us", plain / 1000,
+                 "ratio <= 1.3 (vs the same over plain TCP)", tls <= 1.3 * plain);
+    double plain_rate = threads_rate(NULL, 3), tls_rate = threads_rate(dir, 3);
+    bench_report("rpc_throughput_tls", tls_rate, "calls/s", plain_rate,
+                 "ratio >= 0.7 (16 threads, vs plain TCP)", tls_rate >= 0.7 * plain_rate);
+    double rplain = reconnect_median(NULL, 0, 200), rfull = reconnect_median(dir, 0, 200),
+           rres = reconnect_median(dir, 1, 200);
+    bench_report("tls_reconnect_full_handshake", rfull / 1000, "us", rplain / 1000,
+                 "(reported; vs plain TCP)", true);
+    bench_report("tls_reconnect_resumed", rres / 1000, "us", rfull / 1000,
+                 "(reported; vs a full handshake)", true);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench_tls: could not remove %s\n", dir);
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -554,5 +675,7 @@ int main(int argc, char **argv)
         bench_reconnect_answer();
     if (!*only || strcmp(only, "flood") == 0)
         bench_flood();
+    if (!*only || strcmp(only, "tls") == 0)
+        bench_tls();
     return 0;
 }
