@@ -303,11 +303,17 @@ static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
     if (t == NULL || t->slot == NULL)
         return 0;
     t->got_ticket = true;
+    /* A copy: OpenSSL marks the connection's own session not resumable when the
+     * connection ends without close_notify (a reset, a dead peer, our shutdown(2)),
+     * which is how most persistent connections end; the ticket is good regardless. */
+    SSL_SESSION *copy = SSL_SESSION_dup(sess);
+    if (copy == NULL)
+        return 0;
     pconn__mutex_lock(&t->slot->lock);
     SSL_SESSION_free(t->slot->last);
-    t->slot->last = sess;
+    t->slot->last = copy;
     pconn__mutex_unlock(&t->slot->lock);
-    return 1; /* kept */
+    return 0; /* not kept: the copy is */
 }
 
 static int client_cert_cb(SSL *ssl, X509 **x509, EVP_PKEY **pkey)
