@@ -205,6 +205,9 @@ int pconn_tls_config_new(const pconn_tls_options_t *o, int server, pconn_tls_con
     /* Non-blocking writes that may be retried from another buffer holding the same
      * bytes, and that report what went out record by record. */
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* One recv() for as many records as have arrived, not two per record. Bytes read
+     * ahead are invisible to poll(): every wait asks SSL_has_pending() first. */
+    SSL_CTX_set_read_ahead(ctx, 1);
     if (load_files(ctx, &cfg->o, cfg->server, err) != PCONN_OK)
         goto fail;
     if (server) {
@@ -285,6 +288,8 @@ typedef struct tls_sess_t {
     SSL *ssl;
     int fd;
     bool server, done, cert_asked_none, got_ticket;
+    bool starved;         /* the last read wanted the socket: what is buffered is not a
+                             whole record, so only poll() can tell when to read again */
     short want[2];        /* poll() events after EAGAIN: [0] reading/handshake, [1] writing */
     pconn__tls_endpoint_t *ep; /* a reference */
     resume_slot_t *slot;  /* a resuming client's (in ep), or NULL */
@@ -532,6 +537,8 @@ static int failed_call(tls_sess_t *t, int r, int dir, bool eof_ok)
     int e = SSL_get_error(t->ssl, r);
     if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
         t->want[dir] = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+        if (dir == 0)
+            t->starved = true;
         ERR_clear_error();
         errno = EAGAIN;
         return -1;
@@ -554,6 +561,7 @@ static int sess_handshake(tls_sess_t *t)
     ERR_clear_error();
     errno = 0;
     int r = SSL_do_handshake(t->ssl), rc = 0;
+    t->starved = false;
     if (r == 1) {
         t->done = true;
         fill_identity(t);
@@ -570,6 +578,7 @@ static ssize_t sess_read(tls_sess_t *t, void *buf, size_t len)
     ERR_clear_error();
     errno = 0;
     int r = SSL_read(t->ssl, buf, len > INT_MAX ? INT_MAX : (int)len);
+    t->starved = false;
     ssize_t rc = r > 0 ? r : failed_call(t, r, 0, true);
     pconn__mutex_unlock(&t->lock);
     return rc;
@@ -632,6 +641,8 @@ static size_t tr_pending(void *session)
     tls_sess_t *t = session;
     pconn__mutex_lock(&t->lock);
     int n = SSL_pending(t->ssl);
+    if (n <= 0 && !t->starved && SSL_has_pending(t->ssl))
+        n = 1; /* records read ahead, not yet decrypted */
     pconn__mutex_unlock(&t->lock);
     return n > 0 ? (size_t)n : 0;
 }

@@ -647,7 +647,14 @@ static void bench_tls(void)
     double plain = roundtrip_median(NULL), tls = roundtrip_median(dir);
     bench_report("rpc_roundtrip_tls", tls / 1000, "us", plain / 1000,
                  "ratio <= 1.3 (vs the same over plain TCP)", tls <= 1.3 * plain);
-    double plain_rate = threads_rate(NULL, 3), tls_rate = threads_rate(dir, 3);
+    /* Alternated, best of two each: this machine's rate for either varies by a third
+     * from one run to the next. */
+    double plain_rate = 0, tls_rate = 0;
+    for (int i = 0; i < 2; i++) {
+        double p = threads_rate(NULL, 3), t = threads_rate(dir, 3);
+        plain_rate = p > plain_rate ? p : plain_rate;
+        tls_rate = t > tls_rate ? t : tls_rate;
+    }
     bench_report("rpc_throughput_tls", tls_rate, "calls/s", plain_rate,
                  "ratio >= 0.7 (16 threads, vs plain TCP)", tls_rate >= 0.7 * plain_rate);
     double rplain = reconnect_median(NULL, 0, 200), rfull = reconnect_median(dir, 0, 200),
