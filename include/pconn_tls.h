@@ -84,12 +84,14 @@ int pconn_tls_create(const pconn_options_t *opts, const pconn_tcp_options_t *tcp
 /* True when conn is a TLS connection (made by pconn_tls_create()). */
 bool pconn_tls_is_tls(const pconn_conn_t *conn);
 
-/* The verified subject of the server's certificate on a TLS connection (one line, RFC
- * 2253), or NULL (not TLS, or verification off). Valid while the caller holds a
- * reference. */
+/* The verified subject of the peer's certificate (one line, RFC 2253) on a TLS
+ * connection or an RPC connection over TLS (the `tls` option), or NULL (no TLS,
+ * verification off, or a client without a certificate). Valid while the caller holds
+ * a reference. */
 const char *pconn_tls_peer_subject(const pconn_conn_t *conn);
 
-/* True when the connection's TLS session was resumed (an abbreviated handshake). */
+/* True when the TLS session of such a connection was resumed (an abbreviated
+ * handshake); false for a full handshake or no TLS. */
 bool pconn_tls_resumed(const pconn_conn_t *conn);
 
 #ifdef __cplusplus

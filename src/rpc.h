@@ -129,6 +129,10 @@ PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_con
                                       pconn_conn_t **out, pconn_error_t *err);
 /* True once the connection's reader has returned. */
 PCONN_HIDDEN bool pconn__rpc_conn_done(pconn_conn_t *conn);
+/* For an RPC connection: its transport and that transport's session (set before the
+ * connection is handed out, freed with it); false for any other connection. */
+PCONN_HIDDEN bool pconn__rpc_conn_transport(const pconn_conn_t *conn, const pconn_transport_t **t,
+                                            void **session);
 
 /* ---- tcp, for rpc ---- */
 /* Connects as pconn_tcp_connect() does; the raw blocking fd, or -1 with err. */

@@ -865,6 +865,16 @@ static int rpc_fd(void *impl)
 
 static const pconn_conn_ops_t rpc_ops = {rpc_close, rpc_destroy, rpc_fd};
 
+bool pconn__rpc_conn_transport(const pconn_conn_t *conn, const pconn_transport_t **t, void **session)
+{
+    if (conn == NULL || pconn__conn_ops(conn) != &rpc_ops)
+        return false;
+    const rpc_conn_t *c = pconn_conn_impl(conn);
+    *t = c->cfg.transport;
+    *session = c->session;
+    return true;
+}
+
 bool pconn__rpc_conn_done(pconn_conn_t *conn)
 {
     return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->reader_done);

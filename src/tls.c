@@ -921,6 +921,19 @@ static tls_conn_t *tls_of(const pconn_conn_t *conn)
     return conn != NULL && pconn__conn_ops(conn) == &tls_ops ? pconn_conn_impl(conn) : NULL;
 }
 
+/* The TLS session of a TLS connection or of an RPC connection over the library's TLS. */
+static tls_sess_t *session_of(const pconn_conn_t *conn)
+{
+    tls_conn_t *tc = tls_of(conn);
+    if (tc != NULL)
+        return tc->t;
+    const pconn_transport_t *t;
+    void *session;
+    if (pconn__rpc_conn_transport(conn, &t, &session) && t != NULL && t->open == tr_open)
+        return session;
+    return NULL;
+}
+
 bool pconn_tls_is_tls(const pconn_conn_t *conn)
 {
     return tls_of(conn) != NULL;
@@ -928,18 +941,18 @@ bool pconn_tls_is_tls(const pconn_conn_t *conn)
 
 const char *pconn_tls_peer_subject(const pconn_conn_t *conn)
 {
-    tls_conn_t *tc = tls_of(conn);
-    return tc != NULL ? tc->t->subject : NULL; /* written before the connection existed */
+    tls_sess_t *t = session_of(conn);
+    return t != NULL ? t->subject : NULL; /* written before the connection existed */
 }
 
 bool pconn_tls_resumed(const pconn_conn_t *conn)
 {
-    tls_conn_t *tc = tls_of(conn);
-    if (tc == NULL)
+    tls_sess_t *t = session_of(conn);
+    if (t == NULL)
         return false;
-    pconn__mutex_lock(&tc->t->lock);
-    bool r = SSL_session_reused(tc->t->ssl) == 1;
-    pconn__mutex_unlock(&tc->t->lock);
+    pconn__mutex_lock(&t->lock);
+    bool r = SSL_session_reused(t->ssl) == 1;
+    pconn__mutex_unlock(&t->lock);
     return r;
 }
 

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -85,10 +86,10 @@ static void free_address(char *address, size_t size)
     close(lfd);
 }
 
-/* openssl s_server with the given certificate and extra arguments, ready to accept. */
-static void s_server(tproc_t *p, char *address, size_t size, const char *cert, const char *extra)
+/* openssl s_server on address with the given certificate and extra arguments, ready
+ * to accept. */
+static void s_server_at(tproc_t *p, const char *address, const char *cert, const char *extra)
 {
-    free_address(address, size);
     (void)f("ca.pem"); /* the certificates exist */
     char cmd[1024];
     snprintf(cmd, sizeof cmd, "cd %s && exec openssl s_server -accept %s -cert %s.pem -key %s.key %s 2>&1",
@@ -99,6 +100,13 @@ static void s_server(tproc_t *p, char *address, size_t size, const char *cert, c
     while (tproc_read_line(p, line, sizeof line) == 0 && strcmp(line, "ACCEPT") != 0)
         ;
     CU_ASSERT_STRING_EQUAL_FATAL(line, "ACCEPT");
+}
+
+/* The same on a free port, whose address goes to address. */
+static void s_server(tproc_t *p, char *address, size_t size, const char *cert, const char *extra)
+{
+    free_address(address, size);
+    s_server_at(p, address, cert, extra);
 }
 
 static int64_t no_delay(void *arg, unsigned failures)
@@ -438,6 +446,37 @@ static void test_recv_close_wakes(void)
     close(lfd);
 }
 
+/* samples/tls_client keeps its TLS connection across a server restart: each line of
+ * its input (a FIFO this test writes) is answered, before and after. */
+static void test_sample_across_restart(void)
+{
+    tproc_t server, client;
+    char address[64], fifo[128], cmd[1024], line[256];
+    s_server(&server, address, sizeof address, "server", "-rev");
+    snprintf(fifo, sizeof fifo, "%s", f("requests.fifo"));
+    CU_ASSERT_EQUAL_FATAL(mkfifo(fifo, 0600), 0);
+    snprintf(cmd, sizeof cmd, "exec %s/samples/tls_client %s %s < %s 2>/dev/null", test_build_dir(),
+             f("ca.pem"), address, fifo);
+    const char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    CU_ASSERT_EQUAL_FATAL(tproc_spawn(&client, argv), 0);
+    FILE *in = fopen(fifo, "we"); /* once the client has it open; close-on-exec: no server inherits it */
+    CU_ASSERT_PTR_NOT_NULL_FATAL(in);
+    fputs("abc\n", in);
+    fflush(in);
+    CU_ASSERT_EQUAL(tproc_read_line(&client, line, sizeof line), 0);
+    CU_ASSERT_STRING_EQUAL(line, "cba");
+    tproc_signal(&server, SIGKILL);
+    s_server_at(&server, address, "server", "-rev");
+    fputs("def\n", in);
+    fflush(in);
+    CU_ASSERT_EQUAL(tproc_read_line(&client, line, sizeof line), 0);
+    CU_ASSERT_STRING_EQUAL(line, "fed");
+    fclose(in); /* the end of its input: it exits */
+    CU_ASSERT_EQUAL(tproc_wait(&client), 0);
+    tproc_signal(&server, SIGKILL);
+    unlink(fifo);
+}
+
 /* ---- RPC over TLS --------------------------------------------------------------- */
 
 /* Answers with the caller's verified subject, its names and its address. */
@@ -567,6 +606,39 @@ static void test_rpc_mutual_tls(void)
     pconn_rpc_server_stop(srv);
 }
 
+/* RPC connections end without close_notify (shutdown(2), a dead peer): the next one
+ * still resumes the session; the client sees the server's verified subject. */
+static void test_rpc_resumption(void)
+{
+    pconn_rpc_server_t *srv = tls_server(0, NULL);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_tls_config_t *cfg = client_config(NULL);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = {.base = {.server_name = "rpc", .resolver = pconn_resolver_static(&address, 1),
+                                      .retry_delay = no_delay, .on_event = rec_on_event,
+                                      .on_event_arg = &rec},
+                             .tls = cfg, .handshake_timeout_ms = WAIT_MS};
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_FATAL(rec_wait_kind(&rec, PCONN_EVENT_CONNECTED, i, WAIT_MS) >= 0);
+        pconn_conn_t *conn = NULL;
+        CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+        CU_ASSERT_EQUAL(pconn_tls_resumed(conn), i > 0);
+        CU_ASSERT_STRING_EQUAL(pconn_tls_peer_subject(conn), "CN=pconn-test-server");
+        pconn_buf_t resp = {0};
+        CU_ASSERT_EQUAL(pconn_rpc_call(conn, "whoami", 1, "", 0, &resp, WAIT_MS, NULL), PCONN_OK);
+        pconn_buf_free(&resp);
+        pconn_conn_close(conn); /* shutdown(2): no close_notify */
+        pconn_conn_unref(conn);
+    }
+    pconn_free(pc);
+    rec_destroy(&rec);
+    pconn_tls_config_unref(cfg);
+    pconn_rpc_server_stop(srv);
+}
+
 /* Plaintext on one side, TLS on the other: both sides say so. */
 static void test_rpc_plaintext_mismatch(void)
 {
@@ -671,7 +743,9 @@ static const test_def_t tests[] = {
     {"handshake_deadline_and_close", test_handshake_deadline_and_close},
     {"resumption", test_resumption},
     {"recv_close_wakes", test_recv_close_wakes},
+    {"sample_across_restart", test_sample_across_restart},
     {"rpc_mutual_tls", test_rpc_mutual_tls},
+    {"rpc_resumption", test_rpc_resumption},
     {"rpc_plaintext_mismatch", test_rpc_plaintext_mismatch},
     {"s_client_interop", test_s_client_interop},
     {"etcd_mutual_tls", test_etcd_mutual_tls},
