@@ -26,16 +26,26 @@ command -v abidiff >/dev/null || missing="$missing abigail-tools" # make abi-che
 # `make bench` only (test/deps.sh bench): the charts of docs/BENCHMARKS.md.
 [ "${1:-}" = bench ] && ! command -v gnuplot >/dev/null && missing="$missing gnuplot-nox"
 # `pkg-config --static --libs pconn` names libcurl's own private libraries; linking with
-# them needs their -dev packages (the install test links libpconn.a that way).
-if command -v pkg-config >/dev/null && pkg-config --exists libcurl &&
-    ! echo 'int main(void) { return 0; }' |
-        ${CC:-cc} -x c - -o /dev/null $(pkg-config --static --libs libcurl) 2>/dev/null; then
-    missing="$missing libnghttp2-dev librtmp-dev libssh2-1-dev libpsl-dev libldap-dev libzstd-dev"
-    missing="$missing libkrb5-dev libbrotli-dev libidn2-dev zlib1g-dev libssl-dev"
-fi
-[ -z "$missing" ] && exit 0
-echo "deps: installing$missing"
-if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+# them needs their -dev packages (the install test links libpconn.a that way). Asked
+# after libcurl and pkg-config are there: on a fresh machine, after the first install.
+static_missing() {
+    if command -v pkg-config >/dev/null && pkg-config --exists libcurl &&
+        ! echo 'int main(void) { return 0; }' |
+            ${CC:-cc} -x c - -o /dev/null $(pkg-config --static --libs libcurl) 2>/dev/null; then
+        echo "libnghttp2-dev librtmp-dev libssh2-1-dev libpsl-dev libldap-dev libzstd-dev" \
+             "libkrb5-dev libbrotli-dev libidn2-dev zlib1g-dev libssl-dev"
+    fi
+}
+install() {
+    echo "deps: installing $*"
+    if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+# Word splitting of the package lists below is meant.
+missing=$(echo $missing $(static_missing))
+[ -z "$missing" ] || install $missing
+more=$(static_missing)
+[ -z "$more" ] || install $more
+exit 0
