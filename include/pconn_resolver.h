@@ -59,8 +59,9 @@ typedef struct pconn_http_catalog_options_t {
                                        configuration (pconn_tls.h), referenced: its CA,
                                        client certificate (etcd --client-cert-auth),
                                        minimum version and verification for https:// */
-    int watch;                      /* etcd only: 1 answers from a shared cache kept current
-                                       by one etcd watch (below); 0: a request per lookup */
+    int watch;                      /* etcd and Consul: 1 answers from a shared cache kept
+                                       current by one etcd watch or Consul blocking query
+                                       (below); 0: a request per lookup */
 } pconn_http_catalog_options_t;
 
 /* A resolver that asks an HTTP service catalog before every attempt and picks one of
@@ -77,8 +78,9 @@ typedef struct pconn_http_catalog_options_t {
  * every member failed: URL: cause; URL: cause ..."). Strings in opts are copied. NULL with
  * errno EINVAL on bad options (an empty or non-http(s) item in the list among them).
  *
- * With watch = 1 (etcd only; EINVAL for the other formats) the resolvers of a process
- * that share url, key, bearer_token and ca_file share one cache of the instance list
+ * With watch = 1 (etcd and Consul; EINVAL for PCONN_CATALOG_JSON) the resolvers of a
+ * process that share url, key, bearer_token, ca_file and tls share one cache of the
+ * instance list
  * and one thread that keeps it current: it reads every key under the prefix once, then
  * holds one etcd watch (POST /v3/watch on the JSON gateway, a streaming answer) from the
  * revision after that read, so a thousand resolvers make one watch and no request per
@@ -93,7 +95,13 @@ typedef struct pconn_http_catalog_options_t {
  * returns within milliseconds whatever etcd does. Creating a resolver with watch = 1 may
  * start that thread (NULL with errno ENOMEM when it cannot).
  * A member that hangs without closing its connection (stopped, not dead) keeps the
- * watch open and the list unchanged until TCP keep-alive gives up on it. */
+ * watch open and the list unchanged until TCP keep-alive gives up on it.
+ * For Consul the thread makes blocking queries instead (GET .../health/service/NAME
+ * ?passing&index=I&wait=30s, I from the last answer's X-Consul-Index): each returns
+ * when the list changes, and the cache takes the whole new list. An index that goes
+ * backwards starts again from 0; an agent that answers at once without a new index is
+ * asked at most once a second; a failed query makes lookups ask as with watch = 0 while
+ * the thread moves to the next agent. */
 pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts);
 
 /* ---- Announcing a server in etcd ----------------------------------------------------- */

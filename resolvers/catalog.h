@@ -43,6 +43,7 @@ typedef struct pconn__http_t {
     char *ca_file;
     pconn_tls_config_t *tls; /* a reference, or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* libcurl's details of the last failure */
+    int64_t consul_index;  /* the last answer's X-Consul-Index, or -1 */
     int64_t timeout_ms;
     size_t max_bytes;
     atomic_bool aborted;   /* pconn__http_abort(): requests fail at once until cleared */
@@ -102,6 +103,12 @@ PCONN_HIDDEN pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, cons
                                               const char *range_body, int64_t timeout_ms,
                                               size_t max_bytes, const char *bearer_token,
                                               const char *ca_file, pconn_tls_config_t *tls);
+/* The same for Consul (one per agent list, service, token, CA file): a thread of
+ * blocking queries on urls (each .../v1/health/service/NAME?passing). */
+PCONN_HIDDEN pconn__watch_t *pconn__watch_get_consul(char *const *urls, size_t n, const char *service,
+                                                     int64_t timeout_ms, size_t max_bytes,
+                                                     const char *bearer_token, const char *ca_file,
+                                                     pconn_tls_config_t *tls);
 PCONN_HIDDEN void pconn__watch_put(pconn__watch_t *w);
 /* From any thread: while the cache is current, copies the instance pick(arg, n) chose to
  * address and returns 1; 0 when current and empty; -1 when not current (the watch is

@@ -20,6 +20,8 @@
 
 #define BACKOFF_MIN_MS 50
 #define BACKOFF_MAX_MS 2000
+/* Consul: how long one blocking query may wait (Consul adds up to 1/16 of it). */
+#define CONSUL_WAIT_S 30
 
 typedef struct entry_t {
     char *key; /* decoded etcd key (may hold any byte but NUL-terminated for printing) */
@@ -55,7 +57,8 @@ struct pconn__watch_t {
     int64_t revision;      /* every change up to this one is in entries */
     entry_t *entries;      /* sorted by key, as etcd's range answers them */
     size_t nentries, cap_entries;
-    unsigned streams;      /* watch streams opened so far (tests, docs) */
+    unsigned streams;      /* watch streams (Consul: blocking queries) so far */
+    bool consul;           /* Consul blocking queries on range_urls, instead of etcd */
 };
 
 static pthread_mutex_t registry_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -429,6 +432,85 @@ static void *watch_main(void *arg)
     return NULL;
 }
 
+/* ---- Consul: blocking queries -------------------------------------------------------- */
+
+/* Replaces the list with one Consul answer, in its order. Under mutex. */
+static bool consul_set(pconn__watch_t *w, const pconn__addr_list_t *list)
+{
+    list_clear(w);
+    for (size_t i = 0; list != NULL && i < list->n; i++) {
+        char key[24];
+        int len = snprintf(key, sizeof key, "%012zu", i); /* sorts as Consul listed them */
+        if (!list_set(w, key, (size_t)len, list->items[i]))
+            return false;
+    }
+    return true;
+}
+
+/* GET .../health/service/NAME?passing&index=I&wait=30s, over and over: each answer
+ * comes when the list changes past index I (or the wait ends), with the new index in
+ * X-Consul-Index. An index that goes backwards (a restarted agent, a restored snapshot)
+ * starts again from 0, as Consul's documentation says; one that does not move and
+ * comes back at once is slowed down, so a misbehaving agent cannot make us spin. A
+ * failure marks the cache not current (lookups ask as with watch = 0) and moves to the
+ * next agent after a back-off. */
+static void *consul_main(void *arg)
+{
+    pconn__watch_t *w = arg;
+    int64_t index = 0, wait_ms = BACKOFF_MIN_MS;
+    size_t member = 0;
+    while (!atomic_load(&w->stop)) {
+        char url[4096];
+        snprintf(url, sizeof url, "%s&index=%lld&wait=%ds", w->range_urls[member], (long long)index,
+                 CONSUL_WAIT_S);
+        w->http.timeout_ms = w->timeout_ms + CONSUL_WAIT_S * 1000 + CONSUL_WAIT_S * 1000 / 16;
+        pconn__http_reply_t reply;
+        pconn_error_t err;
+        int64_t t0 = pconn__mono_ns();
+        pthread_mutex_lock(&w->mutex);
+        w->streams++;
+        pthread_mutex_unlock(&w->mutex);
+        int rc = pconn__http_request(&w->http, url, NULL, &reply, &err);
+        pconn__addr_list_t list = {0};
+        char why[200] = "";
+        bool empty = false;
+        if (rc == PCONN_OK && reply.status == 200) {
+            rc = pconn__catalog_parse(PCONN_CATALOG_CONSUL, reply.body, reply.len, &list, why, sizeof why);
+            empty = rc != PCONN_OK && strcmp(why, "no instances") == 0;
+        } else if (rc == PCONN_OK) {
+            rc = PCONN_ERESOLVE;
+        }
+        free(reply.body);
+        int64_t next = w->http.consul_index;
+        if ((rc == PCONN_OK || empty) && next >= 0) {
+            pthread_mutex_lock(&w->mutex);
+            bool ok = consul_set(w, rc == PCONN_OK ? &list : NULL);
+            w->live = ok;
+            w->revision = next;
+            pthread_mutex_unlock(&w->mutex);
+            pconn__addr_list_free(&list);
+            w->last = member;
+            bool unchanged = next == index;
+            index = next < index ? 0 : next > 0 ? next : 1;
+            if (unchanged && pconn__mono_ns() - t0 < 1000000000) /* it did not block */
+                backoff(w, 1000);
+            wait_ms = BACKOFF_MIN_MS;
+            continue;
+        }
+        pconn__addr_list_free(&list);
+        pthread_mutex_lock(&w->mutex);
+        w->live = false; /* lookups ask, until an answer comes again */
+        pthread_mutex_unlock(&w->mutex);
+        if (atomic_load(&w->stop))
+            break;
+        member = (member + 1) % w->n;
+        index = 0; /* another agent has indexes of its own */
+        backoff(w, wait_ms);
+        wait_ms = wait_ms * 2 < BACKOFF_MAX_MS ? wait_ms * 2 : BACKOFF_MAX_MS;
+    }
+    return NULL;
+}
+
 /* ---- the registry ------------------------------------------------------------------- */
 
 static void watch_free(pconn__watch_t *w)
@@ -550,6 +632,63 @@ pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefi
     return w;
 }
 
+pconn__watch_t *pconn__watch_get_consul(char *const *urls, size_t n, const char *service,
+                                        int64_t timeout_ms, size_t max_bytes, const char *bearer_token,
+                                        const char *ca_file, pconn_tls_config_t *tls)
+{
+    size_t idlen = strlen(service) + 48 + (bearer_token ? strlen(bearer_token) : 0) +
+                   (ca_file ? strlen(ca_file) : 0);
+    for (size_t i = 0; i < n; i++)
+        idlen += strlen(urls[i]) + 1;
+    char *id = malloc(idlen);
+    if (id == NULL)
+        return NULL;
+    size_t off = (size_t)snprintf(id, idlen, "consul\n");
+    for (size_t i = 0; i < n; i++)
+        off += (size_t)snprintf(id + off, idlen - off, "%s,", urls[i]);
+    snprintf(id + off, idlen - off, "\n%s\n%s\n%p", bearer_token ? bearer_token : "",
+             ca_file ? ca_file : "", (void *)tls);
+    (void)pconn__fork_generation(); /* registers the fork handler */
+    pthread_mutex_lock(&registry_mutex);
+    pconn__watch_t *w = registry;
+    while (w != NULL && strcmp(w->id, id) != 0)
+        w = w->next;
+    if (w != NULL) {
+        w->refs++;
+        pthread_mutex_unlock(&registry_mutex);
+        free(id);
+        return w;
+    }
+    w = calloc(1, sizeof *w);
+    bool ok = w != NULL;
+    if (ok) {
+        pthread_mutex_init(&w->mutex, NULL);
+        pconn__cond_init(&w->cond);
+        atomic_init(&w->stop, false);
+        w->refs = 1;
+        w->n = n;
+        w->consul = true;
+        w->timeout_ms = timeout_ms;
+        w->max_bytes = max_bytes;
+        w->id = id;
+        id = NULL;
+        ok = pconn__http_init(&w->http, timeout_ms, max_bytes, bearer_token, ca_file, tls) == PCONN_OK &&
+             (w->prefix = strdup(service)) != NULL && (w->range_urls = calloc(n, sizeof *w->range_urls)) != NULL;
+        for (size_t i = 0; ok && i < n; i++)
+            ok = (w->range_urls[i] = strdup(urls[i])) != NULL;
+        ok = ok && pthread_create(&w->thread, NULL, consul_main, w) == 0;
+        if (!ok)
+            watch_free(w);
+    }
+    if (ok) {
+        w->next = registry;
+        registry = w;
+    }
+    pthread_mutex_unlock(&registry_mutex);
+    free(id);
+    return ok ? w : NULL;
+}
+
 void pconn__watch_put(pconn__watch_t *w)
 {
     if (w == NULL)
@@ -569,8 +708,9 @@ void pconn__watch_put(pconn__watch_t *w)
     atomic_store(&w->stop, true);
     pthread_cond_broadcast(&w->cond);
     pthread_mutex_unlock(&w->mutex);
-    pconn__http_abort(&w->http);   /* a range read in flight */
-    curl_multi_wakeup(w->multi);   /* the stream */
+    pconn__http_abort(&w->http);   /* a range read (Consul: a blocking query) in flight */
+    if (w->multi != NULL)
+        curl_multi_wakeup(w->multi); /* the stream */
     pthread_join(w->thread, NULL);
     watch_free(w);
 }

@@ -155,6 +155,24 @@ int pconn__http_sockopt_cloexec(void *arg, curl_socket_t fd, curlsocktype purpos
     return CURL_SOCKOPT_OK;
 }
 
+/* Consul's blocking queries: the index the next query waits beyond. */
+static size_t on_header(char *line, size_t size, size_t n, void *arg)
+{
+    pconn__http_t *h = arg;
+    size_t len = size * n;
+    static const char name[] = "X-Consul-Index:";
+    if (len > sizeof name - 1 && len < 64 && strncasecmp(line, name, sizeof name - 1) == 0) {
+        char v[64];
+        memcpy(v, line + sizeof name - 1, len - (sizeof name - 1));
+        v[len - (sizeof name - 1)] = '\0';
+        char *end;
+        long long x = strtoll(v, &end, 10);
+        if (end != v && x >= 0)
+            h->consul_index = x;
+    }
+    return len;
+}
+
 static void setup(pconn__http_t *h, const char *url, const char *post_body, sink_t *sink)
 {
     CURL *e = h->easy;
@@ -163,6 +181,9 @@ static void setup(pconn__http_t *h, const char *url, const char *post_body, sink
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     h->errbuf[0] = '\0';
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, h->errbuf);
+    h->consul_index = -1;
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, h);
     curl_easy_setopt(e, CURLOPT_SOCKOPTFUNCTION, pconn__http_sockopt_cloexec);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);

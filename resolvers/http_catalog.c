@@ -169,7 +169,7 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
 {
     if (opts == NULL || opts->pick > PCONN_PICK_FIRST ||
         opts->format > PCONN_CATALOG_CONSUL || opts->timeout_ms < 0 ||
-        (opts->watch != 0 && (opts->watch != 1 || opts->format != PCONN_CATALOG_ETCD)) ||
+        (opts->watch != 0 && (opts->watch != 1 || opts->format == PCONN_CATALOG_JSON)) ||
         (opts->format == PCONN_CATALOG_ETCD && (opts->key == NULL || opts->key[0] == '\0')) ||
         (opts->format == PCONN_CATALOG_CONSUL && !consul_name_ok(opts->key)) ||
         (opts->tls != NULL && pconn__tls_config_is_server(opts->tls))) {
@@ -223,9 +223,13 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
         if (c->urls[c->nurls] == NULL)
             goto nomem;
     }
-    if (opts->watch == 1 &&
+    if (opts->watch == 1 && opts->format == PCONN_CATALOG_ETCD &&
         (c->watch = pconn__watch_get(bases, n, opts->key, c->post_body, c->timeout_ms, max,
                                      opts->bearer_token, opts->ca_file, opts->tls)) == NULL)
+        goto nomem;
+    if (opts->watch == 1 && opts->format == PCONN_CATALOG_CONSUL &&
+        (c->watch = pconn__watch_get_consul(c->urls, c->nurls, opts->key, c->timeout_ms, max,
+                                            opts->bearer_token, opts->ca_file, opts->tls)) == NULL)
         goto nomem;
     pconn__http_url_list_free(bases, n);
     bases = NULL;

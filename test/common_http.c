@@ -98,6 +98,36 @@ static bool answer(thttp_t *h, int fd)
         while (!pause_ms(h, fd, -1) && !stopping(h))
             ;
         break;
+    case HTTP_CONSUL: {
+        pthread_mutex_lock(&h->mutex);
+        const char *req = h->last_request, *sp = strstr(req, " HTTP/");
+        const char *ip = strstr(req, "index="), *wp = strstr(req, "wait=");
+        long long want = ip != NULL && ip < sp ? atoll(ip + 6) : 0;
+        long long wait_ms = wp != NULL && wp < sp ? atoll(wp + 5) * 1000 : 0;
+        struct timespec start = test_deadline(0);
+        for (;;) {
+            /* The cap is read afresh: a test may lower it while a query waits. */
+            long long ms = h->consul_max_wait_ms > 0 && (wait_ms == 0 || wait_ms > h->consul_max_wait_ms)
+                               ? h->consul_max_wait_ms : wait_ms;
+            long long ns = start.tv_nsec + (ms % 1000) * 1000000;
+            struct timespec until = {.tv_sec = start.tv_sec + (time_t)(ms / 1000) + (time_t)(ns / 1000000000),
+                                     .tv_nsec = ns % 1000000000};
+            if (want == 0 || h->consul_index > want || h->stop ||
+                pthread_cond_timedwait(&h->changed, &h->mutex, &until) != 0)
+                break;
+        }
+        long long index = h->consul_index;
+        free(body);
+        body = strdup(h->body ? h->body : "");
+        pthread_mutex_unlock(&h->mutex);
+        /* One connection at a time here: closing each lets the next client in. */
+        snprintf(head, sizeof head, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 "X-Consul-Index: %lld\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n",
+                 index, strlen(body));
+        send_str(fd, head, strlen(head));
+        send_str(fd, body, strlen(body));
+        break;
+    }
     case HTTP_ENDLESS:
     case HTTP_BIG_LEN:
         if (mode == HTTP_ENDLESS)
@@ -148,6 +178,7 @@ int thttp_start(thttp_t *h, http_mode_t mode, int status, const char *body)
     h->wake_fd = eventfd(0, EFD_CLOEXEC);
     pthread_mutex_init(&h->mutex, NULL);
     test_cond_init(&h->cond);
+    test_cond_init(&h->changed);
     thttp_set(h, mode, status, body);
     pthread_create(&h->thread, NULL, http_main, h);
     return 0;
@@ -160,6 +191,18 @@ void thttp_set(thttp_t *h, http_mode_t mode, int status, const char *body)
     h->status = status;
     free(h->body);
     h->body = body ? strdup(body) : NULL;
+    pthread_mutex_unlock(&h->mutex);
+}
+
+void thttp_consul_set(thttp_t *h, long long index, const char *body)
+{
+    pthread_mutex_lock(&h->mutex);
+    h->mode = HTTP_CONSUL;
+    h->status = 200;
+    h->consul_index = index;
+    free(h->body);
+    h->body = strdup(body);
+    pthread_cond_broadcast(&h->changed);
     pthread_mutex_unlock(&h->mutex);
 }
 
@@ -187,6 +230,7 @@ void thttp_stop(thttp_t *h)
 {
     pthread_mutex_lock(&h->mutex);
     h->stop = true;
+    pthread_cond_broadcast(&h->changed);
     pthread_mutex_unlock(&h->mutex);
     uint64_t one = 1;
     (void)!write(h->wake_fd, &one, sizeof one);
@@ -195,5 +239,6 @@ void thttp_stop(thttp_t *h)
     close(h->wake_fd);
     free(h->body);
     pthread_cond_destroy(&h->cond);
+    pthread_cond_destroy(&h->changed);
     pthread_mutex_destroy(&h->mutex);
 }

@@ -4,7 +4,9 @@
  * next answer; a broken watch falls back to lookups and comes back. */
 #include "common.h"
 #include "common_etcd.h"
+#include "common_http.h"
 #include "pconn_resolver.h"
+#include "pconn_tcp.h"
 
 #include "../resolvers/catalog.h"
 
@@ -14,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <time.h>
@@ -148,6 +152,219 @@ static void test_thousand_share_one_watch(void)
     pconn__watch_probe("/w/a/", &rev, &watchers, &streams);
     CU_ASSERT_EQUAL(watchers, 0); /* gone with the last resolver */
     tetcd_delete(&etcd, "/w/");
+}
+
+/* Connections counted by where they went. */
+typedef struct arrivals_t {
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    int at_a, at_b;
+    char b[64];
+} arrivals_t;
+
+static void on_arrival(const pconn_event_t *ev, void *arg)
+{
+    arrivals_t *k = arg;
+    if (ev->kind != PCONN_EVENT_CONNECTED)
+        return;
+    pthread_mutex_lock(&k->m);
+    if (strcmp(ev->address, k->b) == 0)
+        k->at_b++;
+    else
+        k->at_a++;
+    pthread_cond_broadcast(&k->c);
+    pthread_mutex_unlock(&k->m);
+}
+
+typedef struct acceptor_t {
+    int lfd, n, fds[4096];
+} acceptor_t;
+
+/* Accepts and keeps every connection (so none hangs up) until the listener is shut. */
+static void *accept_main(void *arg)
+{
+    acceptor_t *a = arg;
+    int fd;
+    while ((fd = accept(a->lfd, NULL, NULL)) >= 0) {
+        if (a->n < (int)(sizeof a->fds / sizeof a->fds[0]))
+            a->fds[a->n++] = fd;
+        else
+            close(fd);
+    }
+    return NULL;
+}
+
+static int64_t no_delay(void *arg, unsigned failures)
+{
+    (void)arg, (void)failures;
+    return 0;
+}
+
+/* 1,000 pconns in one process, each resolving one prefix through its own watch = 1
+ * resolver: they connect, and when an instance is announced and every connection is
+ * closed they all move to it, with one watch in all and not one range request more. */
+static void test_thousand_pconns(void)
+{
+    if (!need_etcd())
+        return;
+    enum { N = 1000 };
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < 4 * N + 200 && rl.rlim_max >= 4 * N + 200) {
+        rl.rlim_cur = 4 * N + 200;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    CU_ASSERT_FATAL(rl.rlim_cur >= 4 * N + 200); /* two connections each, both ends */
+    pconn_error_t err;
+    acceptor_t *acc = calloc(2, sizeof *acc);
+    pthread_t at[2];
+    char addr[2][64];
+    for (int i = 0; i < 2; i++) {
+        acc[i].lfd = pconn_tcp_listen("127.0.0.1:0", 4096, &err);
+        CU_ASSERT_FATAL(acc[i].lfd >= 0);
+        pconn_tcp_local_address(acc[i].lfd, addr[i], sizeof addr[i]);
+        CU_ASSERT_EQUAL_FATAL(pthread_create(&at[i], NULL, accept_main, &acc[i]), 0);
+    }
+    CU_ASSERT_EQUAL_FATAL(tetcd_put(&etcd, "/w/p/1", addr[0]), 0);
+    pconn_resolver_t *keep = watching(etcd.url, "/w/p/"); /* the cache, live before the rest */
+    CU_ASSERT_TRUE_FATAL(wait_live("/w/p/", true, 1));
+    long long ranges0 = tetcd_metric(&etcd, RANGES), watches0 = tetcd_metric(&etcd, WATCHES);
+
+    arrivals_t k = {.m = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&k.c);
+    snprintf(k.b, sizeof k.b, "%s", addr[1]);
+    pconn_t **pc = calloc(N, sizeof *pc);
+    for (int i = 0; i < N; i++) {
+        pconn_options_t o = {.server_name = "many", .resolver = watching(etcd.url, "/w/p/"),
+                             .on_event = on_arrival, .on_event_arg = &k, .retry_delay = no_delay};
+        CU_ASSERT_EQUAL_FATAL(pconn_tcp_create(&o, NULL, &pc[i]), PCONN_OK);
+    }
+    CU_ASSERT_EQUAL(test_wait_count(&k.m, &k.c, &k.at_a, N, 3 * WAIT_MS), N);
+
+    /* A new instance, sorted first; then every connection ends: all go to it. */
+    CU_ASSERT_EQUAL(tetcd_put(&etcd, "/w/p/0", addr[1]), 0);
+    CU_ASSERT_TRUE(wait_answer(keep, addr[1]));
+    for (int i = 0; i < N; i++) {
+        pconn_conn_t *c = pconn_current(pc[i]);
+        if (c != NULL) {
+            pconn_conn_close(c);
+            pconn_conn_unref(c);
+        }
+    }
+    CU_ASSERT_EQUAL(test_wait_count(&k.m, &k.c, &k.at_b, N, 3 * WAIT_MS), N);
+    CU_ASSERT_EQUAL(tetcd_metric(&etcd, RANGES), ranges0);   /* no request per attempt */
+    CU_ASSERT_EQUAL(tetcd_metric(&etcd, WATCHES), watches0); /* the one watch */
+    int64_t rev;
+    unsigned watchers, streams;
+    pconn__watch_probe("/w/p/", &rev, &watchers, &streams);
+    CU_ASSERT_EQUAL(watchers, 1);
+
+    for (int i = 0; i < N; i++)
+        pconn_free(pc[i]);
+    free(pc);
+    pconn_resolver_free(keep);
+    for (int i = 0; i < 2; i++) {
+        shutdown(acc[i].lfd, SHUT_RDWR);
+        pthread_join(at[i], NULL);
+        close(acc[i].lfd);
+        for (int j = 0; j < acc[i].n; j++)
+            close(acc[i].fds[j]);
+    }
+    free(acc);
+    pthread_cond_destroy(&k.c);
+    tetcd_delete(&etcd, "/w/");
+}
+
+/* A Consul list of one instance at 127.0.0.1:port. */
+static void consul_list(char *buf, size_t size, int port)
+{
+    snprintf(buf, size, "[{\"Node\":{\"Node\":\"n1\",\"Address\":\"127.0.0.1\"},"
+             "\"Service\":{\"ID\":\"web%d\",\"Service\":\"web\",\"Address\":\"\",\"Port\":%d}}]",
+             port, port);
+}
+
+static pconn_resolver_t *consul_watching(const char *url)
+{
+    pconn_http_catalog_options_t o = {.url = url, .format = PCONN_CATALOG_CONSUL, .key = "web",
+                                      .pick = PCONN_PICK_FIRST, .timeout_ms = 2000, .watch = 1};
+    return pconn_resolver_http_catalog(&o);
+}
+
+/* Consul (an agent that answers blocking queries as Consul documents them; there is no
+ * Consul package to test against): 100 resolvers share one cache fed by one blocking
+ * query at a time, a change reaches all of them without a request per lookup, an index
+ * that goes backwards starts again from 0, and a dead agent passes the turn to the next
+ * one in the list. */
+static void test_consul_blocking(void)
+{
+    enum { R = 100 };
+    thttp_t a, b;
+    char list[512], url[200];
+    consul_list(list, sizeof list, 7801);
+    CU_ASSERT_EQUAL_FATAL(thttp_start(&a, HTTP_CONSUL, 200, NULL), 0);
+    CU_ASSERT_EQUAL_FATAL(thttp_start(&b, HTTP_CONSUL, 200, NULL), 0);
+    thttp_consul_set(&a, 10, list);
+    thttp_consul_set(&b, 500, list);
+    snprintf(url, sizeof url, "%s,%s", a.url, b.url);
+    pconn_resolver_t *r[R];
+    for (int i = 0; i < R; i++) {
+        r[i] = consul_watching(url);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(r[i]);
+    }
+    CU_ASSERT_TRUE_FATAL(wait_live("web", true, 1));
+    int64_t index;
+    unsigned watchers, queries;
+    pconn__watch_probe("web", &index, &watchers, &queries);
+    CU_ASSERT_EQUAL(watchers, 1);
+    CU_ASSERT_EQUAL(index, 10);
+    /* The second query is blocking, with the first answer's index. */
+    CU_ASSERT_EQUAL(thttp_wait_requests(&a, 2, WAIT_MS), 2);
+    char req[8192];
+    thttp_last_request(&a, req, sizeof req);
+    CU_ASSERT_EQUAL(strncmp(req, "GET /v1/health/service/web?passing&index=10&wait=30s HTTP/1.1\r\n", 63), 0);
+    for (int i = 0; i < R; i++)
+        CU_ASSERT_TRUE(wait_answer(r[i], "127.0.0.1:7801"));
+
+    /* A change: the blocked query returns it; every resolver answers it. */
+    consul_list(list, sizeof list, 7802);
+    thttp_consul_set(&a, 11, list);
+    for (int i = 0; i < R; i++)
+        CU_ASSERT_TRUE(wait_answer(r[i], "127.0.0.1:7802"));
+    CU_ASSERT_TRUE(thttp_wait_requests(&a, 3, WAIT_MS) >= 3);
+    pthread_mutex_lock(&a.mutex);
+    int requests = a.requests; /* blocking queries only: not one per lookup */
+    pthread_mutex_unlock(&a.mutex);
+    CU_ASSERT(requests <= 4);
+
+    /* The index goes backwards (a restarted agent): after its wait the query returns
+     * the lower index, and the next one starts from 0. */
+    pthread_mutex_lock(&a.mutex);
+    a.consul_max_wait_ms = 100; /* instead of 30 s: the query waiting now ends sooner */
+    pthread_mutex_unlock(&a.mutex);
+    consul_list(list, sizeof list, 7803);
+    thttp_consul_set(&a, 3, list);
+    for (int i = 0; i < R; i++)
+        CU_ASSERT_TRUE(wait_answer(r[i], "127.0.0.1:7803"));
+    int64_t t0 = now_ms();
+    while (now_ms() - t0 < WAIT_MS) {
+        thttp_last_request(&a, req, sizeof req);
+        if (strstr(req, "index=3&") != NULL)
+            break;
+        sched_yield();
+    }
+    CU_ASSERT_PTR_NOT_NULL(strstr(req, "index=3&")); /* blocking again, from the new index */
+
+    /* The agent dies: the next one in the list takes over. */
+    thttp_stop(&a);
+    consul_list(list, sizeof list, 7804);
+    thttp_consul_set(&b, 501, list);
+    for (int i = 0; i < R; i++)
+        CU_ASSERT_TRUE(wait_answer(r[i], "127.0.0.1:7804"));
+    for (int i = 0; i < R; i++)
+        pconn_resolver_free(r[i]);
+    pconn__watch_probe("web", &index, &watchers, &queries);
+    CU_ASSERT_EQUAL(watchers, 0);
+    thttp_stop(&b);
 }
 
 /* The last instance revoked: the cache answers "no instances" as a lookup would. */
@@ -346,6 +563,8 @@ static void test_fork_forgets_watchers(void)
 static const test_def_t tests[] = {
     {"bad_options", test_bad_options},
     {"thousand_share_one_watch", test_thousand_share_one_watch},
+    {"thousand_pconns", test_thousand_pconns},
+    {"consul_blocking", test_consul_blocking},
     {"empty_list", test_empty_list},
     {"watch_breaks_and_returns", test_watch_breaks_and_returns},
     {"cluster_member_lost", test_cluster_member_lost},
