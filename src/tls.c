@@ -271,6 +271,7 @@ bool pconn__tls_config_is_server(const pconn_tls_config_t *cfg)
 typedef struct resume_slot_t {
     pthread_mutex_t lock;
     SSL_SESSION *last;
+    char name[256]; /* the host name or IP address last was verified for */
 } resume_slot_t;
 
 /* A client's or server's TLS: the configuration, the transport over it and a client's
@@ -317,6 +318,7 @@ static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
     pconn__mutex_lock(&t->slot->lock);
     SSL_SESSION_free(t->slot->last);
     t->slot->last = copy;
+    pconn__strcpy(t->slot->name, sizeof t->slot->name, t->name);
     pconn__mutex_unlock(&t->slot->lock);
     return 0; /* not kept: the copy is */
 }
@@ -410,9 +412,10 @@ static tls_sess_t *sess_open(pconn__tls_endpoint_t *ep, int fd, const char *addr
         if (!cfg->o.insecure_skip_verify)
             SSL_set1_host(t->ssl, name);
     }
+    /* A resumed session is not verified again: only one made for this same name. */
     if (slot != NULL) {
         pconn__mutex_lock(&slot->lock);
-        if (slot->last != NULL)
+        if (slot->last != NULL && strcmp(slot->name, t->name) == 0)
             SSL_set_session(t->ssl, slot->last);
         pconn__mutex_unlock(&slot->lock);
     }
@@ -754,11 +757,13 @@ typedef struct tls_client_t {
     pconn__tls_endpoint_t *ep;
 } tls_client_t;
 
-/* Waits until fd shows events, the deadline passes or (on a pconn's worker) the pconn is
- * closed. PCONN_OK, PCONN_ETIMEDOUT, PCONN_ECLOSED. */
-static int wait_fd(int fd, short events, int64_t deadline)
+/* Waits until fd shows events, the deadline passes or, when cancellable (a connect on a
+ * pconn's worker), the pconn is closed. PCONN_OK, PCONN_ETIMEDOUT, PCONN_ECLOSED. Reads
+ * and writes are not cancellable this way: pconn_conn_close() ends them (a worker of
+ * another, closing pconn may well read a TLS connection). */
+static int wait_fd(int fd, short events, int64_t deadline, bool cancellable)
 {
-    int cancel_fd = pconn__cancel_fd();
+    int cancel_fd = cancellable ? pconn__cancel_fd() : -1;
     for (;;) {
         struct pollfd pfd[2] = {{.fd = fd, .events = events}, {.fd = cancel_fd, .events = POLLIN}};
         int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(deadline));
@@ -797,7 +802,7 @@ static int run_handshake(tls_sess_t *t, int64_t deadline, int64_t timeout_ms, pc
             break;
         if (errno != EAGAIN)
             return handshake_fail(t, PCONN_EHANDSHAKE, timeout_ms, err);
-        int rc = wait_fd(t->fd, t->want[0], deadline);
+        int rc = wait_fd(t->fd, t->want[0], deadline, true);
         if (rc != PCONN_OK)
             return handshake_fail(t, rc, timeout_ms, err);
     }
@@ -824,7 +829,7 @@ static int run_handshake(tls_sess_t *t, int64_t deadline, int64_t timeout_ms, pc
         }
         if (errno != EAGAIN)
             return handshake_fail(t, PCONN_EHANDSHAKE, timeout_ms, err);
-        int rc = wait_fd(t->fd, t->want[0], verdict);
+        int rc = wait_fd(t->fd, t->want[0], verdict, true);
         if (rc == PCONN_ETIMEDOUT)
             return PCONN_OK; /* no word: it lets us in, or will say so at the first read */
         if (rc != PCONN_OK)
@@ -998,7 +1003,7 @@ ssize_t pconn__tls_recv(const pconn_conn_t *conn, void *buf, size_t len, int64_t
         }
         if (n == 0)
             continue; /* closed by us: reported above */
-        int rc = wait_fd(tc->fd, tc->t->want[0], deadline);
+        int rc = wait_fd(tc->fd, tc->t->want[0], deadline, false);
         if (rc == PCONN_ETIMEDOUT) {
             n = -1;
             pconn_error_set(err, PCONN_ETIMEDOUT, 0, "recv from %s: timed out after %lld ms", tc->t->address,
@@ -1023,7 +1028,7 @@ int pconn__tls_send_all(const pconn_conn_t *conn, const void *buf, size_t len, p
         }
         ssize_t n = sess_write(tc->t, p, len);
         if (n < 0 && errno == EAGAIN) {
-            (void)wait_fd(tc->fd, tc->t->want[1], INT64_MAX);
+            (void)wait_fd(tc->fd, tc->t->want[1], INT64_MAX, false);
             continue;
         }
         if (n <= 0) {
