@@ -316,6 +316,22 @@ static void test_client_certificate(void)
     pconn_free(pc);
     pconn_tls_config_unref(cfg);
     tproc_signal(&p, SIGKILL);
+
+    /* A server that asks for a certificate but does not require one lets in a client
+     * without: the attempt waits for its verdict (a session ticket) and connects. */
+    snprintf(extra, sizeof extra, "-rev -verify 1 -CAfile %s", f("ca.pem"));
+    s_server(&p, address, sizeof address, "server", extra);
+    cfg = client_config(NULL);
+    pc = tls_pconn(cfg, address, NULL, WAIT_MS);
+    pconn_error_t err = {0};
+    CU_ASSERT_EQUAL_FATAL(pconn_connected_or_failed(pc, WAIT_MS, &conn, &err), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_tcp_send_all(conn, "xy\n", 3, NULL), PCONN_OK);
+    read_line(conn, line, sizeof line);
+    CU_ASSERT_STRING_EQUAL(line, "yx\n");
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_tls_config_unref(cfg);
+    tproc_signal(&p, SIGKILL);
 }
 
 /* A server that takes the TCP connection and never says a word: the handshake keeps to
