@@ -58,7 +58,9 @@ typedef struct pconn_http_catalog_options_t {
     struct pconn_tls_config_t *tls; /* NULL: verify with ca_file alone; else a client
                                        configuration (pconn_tls.h), referenced: its CA,
                                        client certificate (etcd --client-cert-auth),
-                                       minimum version and verification for https:// */
+                                       minimum version and verification for https://
+                                       (its server_name is not used: the URL's host
+                                       is what is verified) */
     int watch;                      /* etcd and Consul: 1 answers from a shared cache kept
                                        current by one etcd watch or Consul blocking query
                                        (below); 0: a request per lookup */

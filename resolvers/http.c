@@ -136,9 +136,11 @@ static const char *tls_words(const pconn__http_t *h, const char *url, CURLcode r
     if (strstr(d, "alert unknown ca") != NULL)
         return "TLS: the peer rejected our certificate: unknown CA";
     if (!have_cert && (strstr(d, "alert certificate required") != NULL ||
-                       strstr(d, "alert bad certificate") != NULL ||
-                       rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR))
-        return "TLS: no client certificate: the server requires one, it seems (set cert_file and key_file)";
+                       strstr(d, "alert bad certificate") != NULL))
+        return "TLS: no client certificate: the server requires one (set cert_file and key_file)";
+    if (!have_cert && (rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR))
+        return "TLS: the connection broke after the handshake; if the server requires a client "
+               "certificate, that is why (none is configured: cert_file and key_file)";
     if (have_cert && strstr(d, "alert bad certificate") != NULL)
         return "TLS: the peer rejected our certificate";
     return NULL;

@@ -503,8 +503,12 @@ static void describe(tls_sess_t *t, int e, int sys_errno)
     } else if (e == SSL_ERROR_SSL && (reason == SSL_R_WRONG_VERSION_NUMBER ||
                                       reason == SSL_R_PACKET_LENGTH_TOO_LONG ||
                                       reason == SSL_R_HTTP_REQUEST || reason == SSL_R_HTTPS_PROXY_REQUEST)) {
-        snprintf(w, ws, t->server ? "plaintext peer: it does not speak TLS"
-                                  : "the peer does not speak TLS (a plaintext server?)");
+        if (t->done) /* after a good handshake: not a plaintext peer, a broken stream */
+            snprintf(w, ws, "the peer sent bytes that are not TLS records (%s)",
+                     ERR_reason_error_string(code) ? ERR_reason_error_string(code) : "bad record");
+        else
+            snprintf(w, ws, t->server ? "plaintext peer: it does not speak TLS"
+                                      : "the peer does not speak TLS (a plaintext server?)");
     } else if ((e == SSL_ERROR_SSL && reason == SSL_R_UNEXPECTED_EOF_WHILE_READING) ||
                e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && sys_errno == 0)) {
         snprintf(w, ws, t->server ? "the peer closed the connection during the TLS handshake"
@@ -953,8 +957,8 @@ const char *pconn_tls_peer_subject(const pconn_conn_t *conn)
 bool pconn_tls_resumed(const pconn_conn_t *conn)
 {
     tls_sess_t *t = session_of(conn);
-    if (t == NULL)
-        return false;
+    if (t == NULL || pconn__conn_inherited(conn))
+        return false; /* in a child of fork(), the lock may be held by a thread not there */
     pconn__mutex_lock(&t->lock);
     bool r = SSL_session_reused(t->ssl) == 1;
     pconn__mutex_unlock(&t->lock);

@@ -530,6 +530,65 @@ static void test_sample_across_restart(void)
     unlink(fifo);
 }
 
+/* A read on a pconn's worker (here: pconn A's resolver reads a TLS connection of pconn
+ * B) while A closes: it keeps its own deadline. It once took A's close for its own and
+ * spun at 100% CPU without end (found by review). */
+typedef struct worker_read_t {
+    pconn_conn_t *conn;
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    int entered, done;
+    ssize_t n;
+    pconn_error_t err;
+} worker_read_t;
+
+static int reading_resolver(void *arg, char *address, size_t size, pconn_error_t *err)
+{
+    worker_read_t *w = arg;
+    pthread_mutex_lock(&w->m);
+    bool first = w->entered++ == 0;
+    pthread_cond_broadcast(&w->c);
+    pthread_mutex_unlock(&w->m);
+    if (first) {
+        char buf[16];
+        ssize_t n = pconn_tcp_recv(w->conn, buf, sizeof buf, 300, &w->err);
+        pthread_mutex_lock(&w->m);
+        w->n = n;
+        w->done = 1;
+        pthread_mutex_unlock(&w->m);
+    }
+    pconn_error_set(err, PCONN_ERESOLVE, 0, "nothing to resolve");
+    (void)address, (void)size;
+    return PCONN_ERESOLVE;
+}
+
+static void test_read_on_closing_worker(void)
+{
+    tproc_t p;
+    char address[64];
+    s_server(&p, address, sizeof address, "server", "-rev");
+    pconn_tls_config_t *cfg = client_config(NULL);
+    pconn_t *b = tls_pconn(cfg, address, NULL, WAIT_MS);
+    worker_read_t w = {.m = PTHREAD_MUTEX_INITIALIZER};
+    test_cond_init(&w.c);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(b, WAIT_MS, &w.conn), PCONN_OK);
+    pconn_options_t o = {.server_name = "a", .resolver = pconn_resolver_new(reading_resolver, &w, NULL),
+                         .connect = pconn_tcp_connect};
+    pconn_t *a = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_create(&o, &a), PCONN_OK);
+    CU_ASSERT_EQUAL(test_wait_count(&w.m, &w.c, &w.entered, 1, WAIT_MS), 1);
+    CU_ASSERT_EQUAL(pconn_close(a, WAIT_MS), PCONN_OK); /* the read ends at its deadline */
+    CU_ASSERT_EQUAL(w.done, 1);
+    CU_ASSERT_EQUAL(w.n, -1);
+    CU_ASSERT_EQUAL(w.err.code, PCONN_ETIMEDOUT);
+    pconn_free(a);
+    pconn_conn_unref(w.conn);
+    pconn_free(b);
+    pconn_tls_config_unref(cfg);
+    pthread_cond_destroy(&w.c);
+    tproc_signal(&p, SIGKILL);
+}
+
 /* ---- RPC over TLS --------------------------------------------------------------- */
 
 /* Answers with the caller's verified subject, its names and its address. */
@@ -774,14 +833,16 @@ static void test_etcd_mutual_tls(void)
     char got[PCONN_ADDRESS_MAX];
     CU_ASSERT_EQUAL(pconn_resolve(r, got, sizeof got, &err), PCONN_ERESOLVE);
     CU_ASSERT_PTR_NOT_NULL(strstr(err.message, e.url));
-    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "TLS: no client certificate: the server requires one"));
+    /* etcd's alert, or (when the request was on its way as etcd closed) a reset: both
+     * name the missing client certificate. */
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "client certificate"));
     pconn_resolver_free(r);
     pconn_announcer_t *b = NULL;
     ao.tls = none;
     ao.key = "/services/tls/7002";
     CU_ASSERT_EQUAL(pconn_announce_start(&ao, &b, &err), PCONN_ECONNECT);
-    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "TLS: no client certificate: the server requires one"));
-    if (strstr(err.message, "TLS: no client certificate") == NULL)
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "client certificate"));
+    if (strstr(err.message, "client certificate") == NULL)
         fprintf(stderr, "\n  got \"%s\"\n", err.message);
     pconn_announce_stop(a);
     pconn_tls_config_unref(none);
@@ -797,6 +858,7 @@ static const test_def_t tests[] = {
     {"resumption", test_resumption},
     {"recv_close_wakes", test_recv_close_wakes},
     {"sample_across_restart", test_sample_across_restart},
+    {"read_on_closing_worker", test_read_on_closing_worker},
     {"rpc_mutual_tls", test_rpc_mutual_tls},
     {"rpc_resumption", test_rpc_resumption},
     {"rpc_plaintext_mismatch", test_rpc_plaintext_mismatch},
