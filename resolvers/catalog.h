@@ -93,7 +93,10 @@ PCONN_HIDDEN bool pconn__http_url_ok(const char *url);
 PCONN_HIDDEN int pconn__http_sockopt_cloexec(void *arg, curl_socket_t fd, curlsocktype purpose);
 
 /* The shared, watch-fed cache of the etcd catalog (catalog_watch.c): one per (members,
- * prefix, bearer token, CA file) per process, counted by reference. get finds or makes
+ * prefix, bearer token, CA file, TLS configuration) per process, counted by reference.
+ * range_body NULL makes a Consul cache instead: bases are then the agents' full query
+ * URLs (.../health/service/NAME?passing), prefix the service name, and its thread makes
+ * blocking queries. get finds or makes
  * it (its thread starts reading and watching at once; timeout_ms and max_bytes are the
  * first maker's), NULL when out of memory; range_body is the resolver's range request
  * ({"key":..,"range_end":..}). put drops a reference; the last one stops the thread
@@ -103,12 +106,6 @@ PCONN_HIDDEN pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, cons
                                               const char *range_body, int64_t timeout_ms,
                                               size_t max_bytes, const char *bearer_token,
                                               const char *ca_file, pconn_tls_config_t *tls);
-/* The same for Consul (one per agent list, service, token, CA file): a thread of
- * blocking queries on urls (each .../v1/health/service/NAME?passing). */
-PCONN_HIDDEN pconn__watch_t *pconn__watch_get_consul(char *const *urls, size_t n, const char *service,
-                                                     int64_t timeout_ms, size_t max_bytes,
-                                                     const char *bearer_token, const char *ca_file,
-                                                     pconn_tls_config_t *tls);
 PCONN_HIDDEN void pconn__watch_put(pconn__watch_t *w);
 /* From any thread: while the cache is current, copies the instance pick(arg, n) chose to
  * address and returns 1; 0 when current and empty; -1 when not current (the watch is

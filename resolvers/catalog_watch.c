@@ -544,6 +544,8 @@ static char *concat(const char *a, const char *b)
     return s;
 }
 
+/* range_body NULL: Consul, whose bases are the full query URLs (.../health/service/
+ * NAME?passing); else etcd, whose bases are the members' base URLs. */
 static pconn__watch_t *watch_new(const char *id, char *const *bases, size_t n, const char *prefix,
                                  const char *range_body, int64_t timeout_ms, size_t max_bytes,
                                  const char *bearer_token, const char *ca_file, pconn_tls_config_t *tls)
@@ -556,19 +558,29 @@ static pconn__watch_t *watch_new(const char *id, char *const *bases, size_t n, c
     atomic_init(&w->stop, false);
     w->refs = 1;
     w->n = n;
+    w->consul = range_body == NULL;
     w->timeout_ms = timeout_ms;
     w->max_bytes = max_bytes;
     if (pconn__http_init(&w->http, timeout_ms, max_bytes, bearer_token, ca_file, tls) != PCONN_OK)
         goto fail;
     w->id = strdup(id);
     w->prefix = strdup(prefix);
-    w->range_body = strdup(range_body);
     w->range_urls = calloc(n, sizeof *w->range_urls);
+    if (w->id == NULL || w->prefix == NULL || w->range_urls == NULL)
+        goto fail;
+    if (w->consul) {
+        for (size_t i = 0; i < n; i++)
+            if ((w->range_urls[i] = strdup(bases[i])) == NULL)
+                goto fail;
+        if (pthread_create(&w->thread, NULL, consul_main, w) != 0)
+            goto fail;
+        return w;
+    }
+    w->range_body = strdup(range_body);
     w->watch_urls = calloc(n, sizeof *w->watch_urls);
     w->multi = curl_multi_init();
     w->easy = curl_easy_init();
-    if (w->id == NULL || w->prefix == NULL || w->range_body == NULL || w->range_urls == NULL ||
-        w->watch_urls == NULL || w->multi == NULL || w->easy == NULL)
+    if (w->range_body == NULL || w->watch_urls == NULL || w->multi == NULL || w->easy == NULL)
         goto fail;
     for (size_t i = 0; i < n; i++)
         if ((w->range_urls[i] = concat(bases[i], "/v3/kv/range")) == NULL ||
@@ -603,14 +615,14 @@ pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefi
                                  const char *range_body, int64_t timeout_ms, size_t max_bytes,
                                  const char *bearer_token, const char *ca_file, pconn_tls_config_t *tls)
 {
-    size_t idlen = strlen(prefix) + 40 + (bearer_token ? strlen(bearer_token) : 0) +
+    size_t idlen = strlen(prefix) + 48 + (bearer_token ? strlen(bearer_token) : 0) +
                    (ca_file ? strlen(ca_file) : 0);
     for (size_t i = 0; i < n; i++)
         idlen += strlen(bases[i]) + 1;
     char *id = malloc(idlen);
     if (id == NULL)
         return NULL;
-    size_t off = 0;
+    size_t off = (size_t)snprintf(id, idlen, "%s\n", range_body == NULL ? "consul" : "etcd");
     for (size_t i = 0; i < n; i++)
         off += (size_t)snprintf(id + off, idlen - off, "%s,", bases[i]);
     snprintf(id + off, idlen - off, "\n%s\n%s\n%s\n%p", prefix, bearer_token ? bearer_token : "",
@@ -630,63 +642,6 @@ pconn__watch_t *pconn__watch_get(char *const *bases, size_t n, const char *prefi
     pthread_mutex_unlock(&registry_mutex);
     free(id);
     return w;
-}
-
-pconn__watch_t *pconn__watch_get_consul(char *const *urls, size_t n, const char *service,
-                                        int64_t timeout_ms, size_t max_bytes, const char *bearer_token,
-                                        const char *ca_file, pconn_tls_config_t *tls)
-{
-    size_t idlen = strlen(service) + 48 + (bearer_token ? strlen(bearer_token) : 0) +
-                   (ca_file ? strlen(ca_file) : 0);
-    for (size_t i = 0; i < n; i++)
-        idlen += strlen(urls[i]) + 1;
-    char *id = malloc(idlen);
-    if (id == NULL)
-        return NULL;
-    size_t off = (size_t)snprintf(id, idlen, "consul\n");
-    for (size_t i = 0; i < n; i++)
-        off += (size_t)snprintf(id + off, idlen - off, "%s,", urls[i]);
-    snprintf(id + off, idlen - off, "\n%s\n%s\n%p", bearer_token ? bearer_token : "",
-             ca_file ? ca_file : "", (void *)tls);
-    (void)pconn__fork_generation(); /* registers the fork handler */
-    pthread_mutex_lock(&registry_mutex);
-    pconn__watch_t *w = registry;
-    while (w != NULL && strcmp(w->id, id) != 0)
-        w = w->next;
-    if (w != NULL) {
-        w->refs++;
-        pthread_mutex_unlock(&registry_mutex);
-        free(id);
-        return w;
-    }
-    w = calloc(1, sizeof *w);
-    bool ok = w != NULL;
-    if (ok) {
-        pthread_mutex_init(&w->mutex, NULL);
-        pconn__cond_init(&w->cond);
-        atomic_init(&w->stop, false);
-        w->refs = 1;
-        w->n = n;
-        w->consul = true;
-        w->timeout_ms = timeout_ms;
-        w->max_bytes = max_bytes;
-        w->id = id;
-        id = NULL;
-        ok = pconn__http_init(&w->http, timeout_ms, max_bytes, bearer_token, ca_file, tls) == PCONN_OK &&
-             (w->prefix = strdup(service)) != NULL && (w->range_urls = calloc(n, sizeof *w->range_urls)) != NULL;
-        for (size_t i = 0; ok && i < n; i++)
-            ok = (w->range_urls[i] = strdup(urls[i])) != NULL;
-        ok = ok && pthread_create(&w->thread, NULL, consul_main, w) == 0;
-        if (!ok)
-            watch_free(w);
-    }
-    if (ok) {
-        w->next = registry;
-        registry = w;
-    }
-    pthread_mutex_unlock(&registry_mutex);
-    free(id);
-    return ok ? w : NULL;
 }
 
 void pconn__watch_put(pconn__watch_t *w)

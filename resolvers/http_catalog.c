@@ -223,13 +223,11 @@ pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t
         if (c->urls[c->nurls] == NULL)
             goto nomem;
     }
-    if (opts->watch == 1 && opts->format == PCONN_CATALOG_ETCD &&
-        (c->watch = pconn__watch_get(bases, n, opts->key, c->post_body, c->timeout_ms, max,
-                                     opts->bearer_token, opts->ca_file, opts->tls)) == NULL)
-        goto nomem;
-    if (opts->watch == 1 && opts->format == PCONN_CATALOG_CONSUL &&
-        (c->watch = pconn__watch_get_consul(c->urls, c->nurls, opts->key, c->timeout_ms, max,
-                                            opts->bearer_token, opts->ca_file, opts->tls)) == NULL)
+    bool consul = opts->format == PCONN_CATALOG_CONSUL; /* its cache asks c->urls */
+    if (opts->watch == 1 &&
+        (c->watch = pconn__watch_get(consul ? c->urls : bases, n, opts->key, consul ? NULL : c->post_body,
+                                     c->timeout_ms, max, opts->bearer_token, opts->ca_file,
+                                     opts->tls)) == NULL)
         goto nomem;
     pconn__http_url_list_free(bases, n);
     bases = NULL;

@@ -83,6 +83,10 @@ PCONN_HIDDEN int pconn__address_parse(const char *address, bool allow_port0, pco
  * goes on; the worker re-checks its own flags afterwards, so nothing is lost. */
 PCONN_HIDDEN int pconn__cancel_fd(void);
 PCONN_HIDDEN bool pconn__cancelled(void);
+/* Polls fd for events until deadline_ns (INT64_MAX: none) and, on a pconn's worker,
+ * until the pconn is closed (a kick is drained and ignored). PCONN_OK with *revents
+ * set, PCONN_ETIMEDOUT, PCONN_ECLOSED, or PCONN_EIO (poll failed, errno kept). */
+PCONN_HIDDEN int pconn__wait_cancellable(int fd, short events, int64_t deadline_ns, short *revents);
 
 /* getaddrinfo() bounded by deadline_ns (INT64_MAX: none) and, on a pconn's worker,
  * interrupted by its close: the lookup then runs on a helper thread that is abandoned

@@ -80,6 +80,30 @@ bool pconn__cancelled(void)
     return tl_worker_pc != NULL && atomic_load(&tl_worker_pc->closing);
 }
 
+int pconn__wait_cancellable(int fd, short events, int64_t deadline_ns, short *revents)
+{
+    int cancel_fd = pconn__cancel_fd();
+    for (;;) {
+        struct pollfd pfd[2] = {{.fd = fd, .events = events}, {.fd = cancel_fd, .events = POLLIN}};
+        int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(deadline_ns));
+        if (rc < 0 && errno == EINTR)
+            continue;
+        if (rc < 0)
+            return PCONN_EIO;
+        if (rc == 0)
+            return PCONN_ETIMEDOUT;
+        if (cancel_fd >= 0 && pfd[1].revents != 0) {
+            if (pconn__cancelled())
+                return PCONN_ECLOSED;
+            pconn__wake_drain(cancel_fd); /* a kick: the worker re-checks its flags later */
+        }
+        if (pfd[0].revents != 0) {
+            *revents = pfd[0].revents;
+            return PCONN_OK;
+        }
+    }
+}
+
 /* ---- fork() ---------------------------------------------------------------------- */
 
 /* A child of fork() has one thread: the one that forked. Every worker, and every lock

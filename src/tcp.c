@@ -108,42 +108,32 @@ static int bind_local(int fd, int family, const char *bind_address, const char *
 static int wait_connect_done(int fd, int64_t deadline, const char *address, const char *ip,
                           int64_t timeout_ms, pconn_error_t *err)
 {
-    int cancel_fd = pconn__cancel_fd();
-    for (;;) {
-        struct pollfd pfd[2] = {{.fd = fd, .events = POLLOUT}, {.fd = cancel_fd, .events = POLLIN}};
-        int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(deadline));
-        if (rc < 0 && errno == EINTR)
-            continue;
-        if (rc < 0) {
-            pconn_error_set(err, PCONN_ECONNECT, errno, "connect %s (%s): poll", address, ip);
-            return PCONN_ECONNECT;
-        }
-        if (rc == 0) {
-            pconn_error_set(err, PCONN_ETIMEDOUT, 0, "connect %s (%s): timed out after %lld ms",
-                            address, ip, (long long)timeout_ms);
-            return PCONN_ETIMEDOUT;
-        }
-        if (cancel_fd >= 0 && pfd[1].revents != 0) {
-            if (pconn__cancelled()) {
-                pconn_error_set(err, PCONN_ECLOSED, 0, "connect %s: interrupted by close", address);
-                return PCONN_ECLOSED;
-            }
-            pconn__wake_drain(cancel_fd); /* a kick: the worker re-checks its flags later */
-        }
-        if (pfd[0].revents == POLLOUT)
-            return PCONN_OK; /* a failed connect also shows POLLERR: no getsockopt() */
-        if (pfd[0].revents != 0) {
-            int soerr = 0;
-            socklen_t len = sizeof soerr;
-            if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0)
-                soerr = errno;
-            if (soerr != 0) {
-                pconn_error_set(err, PCONN_ECONNECT, soerr, "connect %s (%s)", address, ip);
-                return PCONN_ECONNECT;
-            }
-            return PCONN_OK;
-        }
+    short revents = 0;
+    int rc = pconn__wait_cancellable(fd, POLLOUT, deadline, &revents);
+    if (rc == PCONN_EIO) {
+        pconn_error_set(err, PCONN_ECONNECT, errno, "connect %s (%s): poll", address, ip);
+        return PCONN_ECONNECT;
     }
+    if (rc == PCONN_ETIMEDOUT) {
+        pconn_error_set(err, PCONN_ETIMEDOUT, 0, "connect %s (%s): timed out after %lld ms",
+                        address, ip, (long long)timeout_ms);
+        return PCONN_ETIMEDOUT;
+    }
+    if (rc == PCONN_ECLOSED) {
+        pconn_error_set(err, PCONN_ECLOSED, 0, "connect %s: interrupted by close", address);
+        return PCONN_ECLOSED;
+    }
+    if (revents == POLLOUT)
+        return PCONN_OK; /* a failed connect also shows POLLERR: no getsockopt() */
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0)
+        soerr = errno;
+    if (soerr != 0) {
+        pconn_error_set(err, PCONN_ECONNECT, soerr, "connect %s (%s)", address, ip);
+        return PCONN_ECONNECT;
+    }
+    return PCONN_OK;
 }
 
 /* One socket, one address. Returns the connected, blocking fd or -1 with err set. */

@@ -761,27 +761,25 @@ typedef struct tls_client_t {
     pconn__tls_endpoint_t *ep;
 } tls_client_t;
 
-/* Waits until fd shows events, the deadline passes or, when cancellable (a connect on a
- * pconn's worker), the pconn is closed. PCONN_OK, PCONN_ETIMEDOUT, PCONN_ECLOSED. Reads
- * and writes are not cancellable this way: pconn_conn_close() ends them (a worker of
- * another, closing pconn may well read a TLS connection). */
+/* Waits until fd shows events (or an error: the next SSL call tells what happened),
+ * the deadline passes or, when cancellable (a connect on a pconn's worker), the pconn
+ * is closed. PCONN_OK, PCONN_ETIMEDOUT, PCONN_ECLOSED. Reads and writes are not
+ * cancellable this way: pconn_conn_close() ends them (a worker of another, closing
+ * pconn may well read a TLS connection). */
 static int wait_fd(int fd, short events, int64_t deadline, bool cancellable)
 {
-    int cancel_fd = cancellable ? pconn__cancel_fd() : -1;
+    short revents;
+    if (cancellable) {
+        int rc = pconn__wait_cancellable(fd, events, deadline, &revents);
+        return rc == PCONN_EIO ? PCONN_OK : rc;
+    }
     for (;;) {
-        struct pollfd pfd[2] = {{.fd = fd, .events = events}, {.fd = cancel_fd, .events = POLLIN}};
-        int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(deadline));
-        if (rc < 0 && errno == EINTR)
-            continue;
+        struct pollfd pfd = {.fd = fd, .events = events};
+        int rc = poll(&pfd, 1, pconn__poll_timeout_ms(deadline));
         if (rc == 0)
             return PCONN_ETIMEDOUT;
-        if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
-            if (pconn__cancelled())
-                return PCONN_ECLOSED;
-            pconn__wake_drain(cancel_fd); /* a kick: the worker re-checks its flags later */
-        }
-        if (rc < 0 || pfd[0].revents != 0)
-            return PCONN_OK; /* the next SSL call tells what happened */
+        if (rc > 0 || errno != EINTR)
+            return PCONN_OK;
     }
 }
 

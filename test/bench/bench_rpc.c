@@ -273,16 +273,16 @@ static double pipelined_rate(int seconds)
     return rate;
 }
 
-static void bench_throughput(void)
+/* 16 threads calling on one connection (over TLS when tls_dir is set) for seconds. */
+static double threads_rate(const char *tls_dir, int seconds)
 {
-    enum { T = 16, SECONDS = 5 };
-    double pipelined = pipelined_rate(SECONDS);
+    enum { T = 16 };
     rig_t r;
-    rig_up(&r);
+    rig_up_tls(&r, tls_dir, 1, NULL);
     worker_t w[T];
     int64_t t0 = bench_now_ns();
     for (int i = 0; i < T; i++) {
-        w[i] = (worker_t){.conn = r.conn, .until_ns = t0 + (int64_t)SECONDS * 1000000000};
+        w[i] = (worker_t){.conn = r.conn, .until_ns = t0 + (int64_t)seconds * 1000000000};
         pthread_create(&w[i].thread, NULL, rpc_worker, &w[i]);
     }
     uint64_t calls = 0;
@@ -292,9 +292,18 @@ static void bench_throughput(void)
     }
     double rate = (double)calls / ((double)(bench_now_ns() - t0) / 1e9);
     rig_down(&r);
+    return rate;
+}
 
+static void bench_throughput(void)
+{
+    enum { T = 16, SECONDS = 5 };
+    double pipelined = pipelined_rate(SECONDS);
+    double rate = threads_rate(NULL, SECONDS);
+
+    worker_t w[T];
     pthread_t echoers[T];
-    t0 = bench_now_ns();
+    int64_t t0 = bench_now_ns();
     for (int i = 0; i < T; i++) {
         w[i] = (worker_t){.fd = raw_pair(&echoers[i]), .until_ns = t0 + (int64_t)SECONDS * 1000000000};
     }
@@ -303,7 +312,7 @@ static void bench_throughput(void)
         w[i].until_ns = t0 + (int64_t)SECONDS * 1000000000;
         pthread_create(&w[i].thread, NULL, raw_worker, &w[i]);
     }
-    calls = 0;
+    uint64_t calls = 0;
     for (int i = 0; i < T; i++) {
         pthread_join(w[i].thread, NULL);
         calls += w[i].calls;
@@ -586,27 +595,6 @@ static double roundtrip_median(const char *tls_dir)
     free(lat);
     rig_down(&r);
     return med;
-}
-
-static double threads_rate(const char *tls_dir, int seconds)
-{
-    enum { T = 16 };
-    rig_t r;
-    rig_up_tls(&r, tls_dir, 1, NULL);
-    worker_t w[T];
-    int64_t t0 = bench_now_ns();
-    for (int i = 0; i < T; i++) {
-        w[i] = (worker_t){.conn = r.conn, .until_ns = t0 + (int64_t)seconds * 1000000000};
-        pthread_create(&w[i].thread, NULL, rpc_worker, &w[i]);
-    }
-    uint64_t calls = 0;
-    for (int i = 0; i < T; i++) {
-        pthread_join(w[i].thread, NULL);
-        calls += w[i].calls;
-    }
-    double rate = (double)calls / ((double)(bench_now_ns() - t0) / 1e9);
-    rig_down(&r);
-    return rate;
 }
 
 /* From closing the connection to the first answer on the next one, median of n. */
