@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -215,6 +216,26 @@ static void test_config_errors(void)
     pconn_tcp_options_t tcp = {.on_connect = (void *)abort};
     po.resolver = pconn_resolver_static(list, 1);
     CU_ASSERT_EQUAL(pconn_tls_create(&po, &tcp, cli, &pc), PCONN_EINVAL);
+    /* tls and a transport of one's own: one or the other. */
+    static const pconn_transport_t other = {0};
+    ro = (pconn_rpc_options_t){.base = {.resolver = pconn_resolver_static(list, 1)}, .tls = cli,
+                               .transport = &other};
+    CU_ASSERT_EQUAL(pconn_rpc_create(&ro, &pc), PCONN_EINVAL);
+    so = (pconn_rpc_server_options_t){.listen_address = "127.0.0.1:0", .tls = srv, .transport = &other};
+    CU_ASSERT_EQUAL(pconn_rpc_server_start(&so, &rs, &err), PCONN_EINVAL);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "tls and transport both set"));
+    /* The catalog and the announcer are clients: a server configuration is refused. */
+    pconn_http_catalog_options_t co = {.url = "https://127.0.0.1:1", .tls = srv};
+    errno = 0;
+    CU_ASSERT_PTR_NULL(pconn_resolver_http_catalog(&co));
+    CU_ASSERT_EQUAL(errno, EINVAL);
+    pconn_announce_options_t ao = {.etcd_url = "https://127.0.0.1:1", .key = "/k", .address = "127.0.0.1:1",
+                                   .tls = srv};
+    pconn_announcer_t *an = NULL;
+    CU_ASSERT_EQUAL(pconn_announce_start(&ao, &an, &err), PCONN_EINVAL);
+    /* NULL is ignored by ref and unref. */
+    pconn_tls_config_ref(NULL);
+    pconn_tls_config_unref(NULL);
     pconn_tls_config_unref(cli);
     pconn_tls_config_unref(srv);
 }
@@ -278,6 +299,14 @@ static void test_verification_failures(void)
     pconn_tls_config_t *sys = config(0, &(pconn_tls_options_t){0});
     expect_failure(sys, address, PCONN_EHANDSHAKE, "unknown CA");
     pconn_tls_config_unref(sys);
+    tproc_signal(&p, SIGKILL);
+
+    /* TLS 1.3 required, a server that speaks at most 1.2. */
+    s_server(&p, address, sizeof address, "server", "-rev -tls1_2");
+    pconn_tls_config_t *v13 = config(0, &(pconn_tls_options_t){.ca_file = f("ca.pem"),
+                                                               .min_version = PCONN_TLS_1_3});
+    expect_failure(v13, address, PCONN_EHANDSHAKE, "no TLS version both sides accept");
+    pconn_tls_config_unref(v13);
     tproc_signal(&p, SIGKILL);
 
     /* A server that requires a client certificate; we have none. */
@@ -589,6 +618,107 @@ static void test_read_on_closing_worker(void)
     tproc_signal(&p, SIGKILL);
 }
 
+/* Two threads send 1.6 MB buffers of one letter each (400 lines of 4,000) while a third
+ * reads the echo: every line comes back of one letter, so each buffer went out whole
+ * (records of the two never interleave), and reading and writing ran at once. */
+typedef struct sender_t {
+    pconn_conn_t *conn;
+    char letter;
+    int rc;
+} sender_t;
+
+enum { LINE = 4000, LINES = 400, SENDS = 3 }; /* 1.6 MB a buffer: more than the socket holds */
+
+static void *send_letters(void *arg)
+{
+    sender_t *s = arg;
+    char *buf = malloc(LINES * (LINE + 1));
+    size_t size = LINES * (LINE + 1);
+    if (buf == NULL) {
+        s->rc = PCONN_ENOMEM;
+        return NULL;
+    }
+    for (int i = 0; i < LINES; i++) {
+        memset(buf + i * (LINE + 1), s->letter, LINE);
+        buf[i * (LINE + 1) + LINE] = '\n';
+    }
+    for (int k = 0; k < SENDS && s->rc == PCONN_OK; k++)
+        s->rc = pconn_tcp_send_all(s->conn, buf, size, NULL);
+    free(buf);
+    return NULL;
+}
+
+static void test_concurrent_sends_whole(void)
+{
+    tproc_t p;
+    char address[64];
+    s_server(&p, address, sizeof address, "server", "-rev");
+    pconn_tls_config_t *cfg = client_config(NULL);
+    pconn_t *pc = tls_pconn(cfg, address, NULL, WAIT_MS);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    sender_t s[2] = {{conn, 'a', PCONN_OK}, {conn, 'b', PCONN_OK}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        CU_ASSERT_EQUAL_FATAL(pthread_create(&t[i], NULL, send_letters, &s[i]), 0);
+    static char line[LINE + 2];
+    int lines = 0, mixed = 0;
+    while (lines < 2 * SENDS * LINES) {
+        size_t n = read_line(conn, line, sizeof line);
+        if (n != LINE + 1)
+            break;
+        for (int i = 1; i < LINE; i++)
+            mixed += line[i] != line[0];
+        lines++;
+    }
+    for (int i = 0; i < 2; i++) {
+        pthread_join(t[i], NULL);
+        CU_ASSERT_EQUAL(s[i].rc, PCONN_OK);
+    }
+    CU_ASSERT_EQUAL(lines, 2 * SENDS * LINES);
+    CU_ASSERT_EQUAL(mixed, 0);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_tls_config_unref(cfg);
+    tproc_signal(&p, SIGKILL);
+}
+
+/* A TLS connection inherited by a child of fork() is dead there, at once and without a
+ * lock; the child leaves the parent's session alone, which keeps working. */
+static void test_fork_child(void)
+{
+    tproc_t p;
+    char address[64];
+    s_server(&p, address, sizeof address, "server", "-rev");
+    pconn_tls_config_t *cfg = client_config(NULL);
+    pconn_t *pc = tls_pconn(cfg, address, NULL, WAIT_MS);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pid_t child = fork();
+    if (child == 0) {
+        char buf[8];
+        pconn_error_t err;
+        int bad = 0;
+        bad |= pconn_tcp_recv(conn, buf, sizeof buf, 1000, &err) != -1 || err.code != PCONN_ECLOSED;
+        bad |= pconn_tcp_send_all(conn, "x\n", 2, &err) != PCONN_ECLOSED;
+        bad |= pconn_tls_resumed(conn);
+        pconn_conn_unref(conn); /* memory only: the parent's socket stays open */
+        _exit(bad);
+    }
+    CU_ASSERT_FATAL(child > 0);
+    int status = -1;
+    CU_ASSERT_EQUAL(waitpid(child, &status, 0), child);
+    CU_ASSERT(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    CU_ASSERT_EQUAL(pconn_tcp_send_all(conn, "after\n", 6, NULL), PCONN_OK);
+    char line[16];
+    read_line(conn, line, sizeof line);
+    CU_ASSERT_STRING_EQUAL(line, "retfa\n");
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_tls_config_unref(cfg);
+    tproc_signal(&p, SIGKILL);
+}
+
 /* ---- RPC over TLS --------------------------------------------------------------- */
 
 /* Answers with the caller's verified subject, its names and its address. */
@@ -859,6 +989,8 @@ static const test_def_t tests[] = {
     {"recv_close_wakes", test_recv_close_wakes},
     {"sample_across_restart", test_sample_across_restart},
     {"read_on_closing_worker", test_read_on_closing_worker},
+    {"concurrent_sends_whole", test_concurrent_sends_whole},
+    {"fork_child", test_fork_child},
     {"rpc_mutual_tls", test_rpc_mutual_tls},
     {"rpc_resumption", test_rpc_resumption},
     {"rpc_plaintext_mismatch", test_rpc_plaintext_mismatch},
