@@ -140,7 +140,7 @@ typedef struct pconn_rpc_options_t {
     pconn_heartbeat_t heartbeat;          /* zeros: 30 s timeout, sent every 10 s */
     const struct pconn_transport_t *transport; /* NULL: plain TCP; must outlive the pconn */
     /* TLS (pconn_tls.h): a client configuration; NULL: none. The pconn takes its own
-     * reference. Not together with transport. Reconnects resume the last session. */
+     * reference. Not together with transport. Reconnects to the same host resume the last session. */
     struct pconn_tls_config_t *tls;
 } pconn_rpc_options_t;
 

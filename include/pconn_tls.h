@@ -43,7 +43,9 @@ typedef struct pconn_tls_options_t {
     int min_version;                   /* 0: TLS 1.2; PCONN_TLS_1_2 or PCONN_TLS_1_3 */
     int no_session_resumption;         /* client: 1 makes every reconnect a full
                                           handshake; 0 resumes the last session of the
-                                          same pconn (TLS 1.3 tickets, TLS 1.2 IDs) */
+                                          same pconn (TLS 1.3 tickets, TLS 1.2 IDs)
+                                          when it goes to the same host name or IP: a
+                                          resumed session is not verified again */
 } pconn_tls_options_t;
 
 /* Shared, reference-counted; immutable once made, so any thread may use it. */
@@ -71,8 +73,9 @@ void pconn_tls_config_unref(pconn_tls_config_t *cfg);
  * FAILED_TO_CONNECT event (PCONN_EHANDSHAKE) whose message names the address and the
  * reason. When the server asks for a client certificate and cfg has none, the attempt
  * waits up to 500 ms (within the connect timeout) for the server's verdict, so a server
- * that requires one fails the attempt rather than the first read. Each reconnect resumes
- * the pconn's last TLS session unless cfg says no_session_resumption. The connections
+ * that requires one fails the attempt rather than the first read. A reconnect to the
+ * same host name or IP resumes the pconn's last TLS session with it, unless cfg says
+ * no_session_resumption. The connections
  * read and write through TLS with pconn_tcp_recv() and pconn_tcp_send_all(); their
  * socket is not handed out (pconn_tcp_fd() is -1) and tcp->on_connect must be NULL (it
  * works on a plaintext socket). cfg must be a client configuration; the pconn takes its
