@@ -101,9 +101,11 @@ typedef struct pconn_http_catalog_options_t {
  * For Consul the thread makes blocking queries instead (GET .../health/service/NAME
  * ?passing&index=I&wait=30s, I from the last answer's X-Consul-Index): each returns
  * when the list changes, and the cache takes the whole new list. An index that goes
- * backwards starts again from 0; an agent that answers at once without a new index is
- * asked at most once a second; a failed query makes lookups ask as with watch = 0 while
- * the thread moves to the next agent. */
+ * backwards starts again from 0. Queries start at least 50 ms apart, and a second apart
+ * unless the last one brought an index higher than it asked with: an agent that answers
+ * at once is asked at most once a second. A failed query (timeout_ms bounds its
+ * connect; TCP keep-alive notices an agent that vanishes while a query waits) makes
+ * lookups ask as with watch = 0 while the thread moves to the next agent. */
 pconn_resolver_t *pconn_resolver_http_catalog(const pconn_http_catalog_options_t *opts);
 
 /* ---- Announcing a server in etcd ----------------------------------------------------- */

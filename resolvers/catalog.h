@@ -44,6 +44,9 @@ typedef struct pconn__http_t {
     pconn_tls_config_t *tls; /* a reference, or NULL */
     char errbuf[CURL_ERROR_SIZE]; /* libcurl's details of the last failure */
     int64_t consul_index;  /* the last answer's X-Consul-Index, or -1 */
+    int64_t blocking_ms;   /* > 0: a blocking query may wait this long for its answer,
+                              beyond timeout_ms (which still bounds the connect); TCP
+                              keep-alive notices a dead agent meanwhile */
     int64_t timeout_ms;
     size_t max_bytes;
     atomic_bool aborted;   /* pconn__http_abort(): requests fail at once until cleared */

@@ -450,23 +450,30 @@ static bool consul_set(pconn__watch_t *w, const pconn__addr_list_t *list)
 /* GET .../health/service/NAME?passing&index=I&wait=30s, over and over: each answer
  * comes when the list changes past index I (or the wait ends), with the new index in
  * X-Consul-Index. An index that goes backwards (a restarted agent, a restored snapshot)
- * starts again from 0, as Consul's documentation says; one that does not move and
- * comes back at once is slowed down, so a misbehaving agent cannot make us spin. A
- * failure marks the cache not current (lookups ask as with watch = 0) and moves to the
- * next agent after a back-off. */
+ * starts again from 0, as Consul's documentation says. Queries start at least 50 ms
+ * apart, and a second apart unless the last one brought an index higher than the one it
+ * asked with (a change it waited for): an agent that answers at once, whatever its
+ * indexes do, cannot make this thread spin. A failure marks the cache not current
+ * (lookups ask as with watch = 0) and moves to the next agent after a back-off. */
 static void *consul_main(void *arg)
 {
     pconn__watch_t *w = arg;
-    int64_t index = 0, wait_ms = BACKOFF_MIN_MS;
+    int64_t index = 0, wait_ms = BACKOFF_MIN_MS, last_start = 0, gap_ms = 0;
     size_t member = 0;
+    /* A query waits up to CONSUL_WAIT_S, and Consul adds up to 1/16 of it. */
+    w->http.blocking_ms = CONSUL_WAIT_S * 1000 + CONSUL_WAIT_S * 1000 / 16;
     while (!atomic_load(&w->stop)) {
+        int64_t since_ms = (pconn__mono_ns() - last_start) / 1000000;
+        if (last_start > 0 && since_ms < gap_ms) {
+            backoff(w, gap_ms - since_ms);
+            continue; /* stop is checked again */
+        }
         char url[4096];
         snprintf(url, sizeof url, "%s&index=%lld&wait=%ds", w->range_urls[member], (long long)index,
                  CONSUL_WAIT_S);
-        w->http.timeout_ms = w->timeout_ms + CONSUL_WAIT_S * 1000 + CONSUL_WAIT_S * 1000 / 16;
         pconn__http_reply_t reply;
         pconn_error_t err;
-        int64_t t0 = pconn__mono_ns();
+        last_start = pconn__mono_ns();
         pthread_mutex_lock(&w->mutex);
         w->streams++;
         pthread_mutex_unlock(&w->mutex);
@@ -490,10 +497,8 @@ static void *consul_main(void *arg)
             pthread_mutex_unlock(&w->mutex);
             pconn__addr_list_free(&list);
             w->last = member;
-            bool unchanged = next == index;
+            gap_ms = index > 0 && next > index ? BACKOFF_MIN_MS : 1000;
             index = next < index ? 0 : next > 0 ? next : 1;
-            if (unchanged && pconn__mono_ns() - t0 < 1000000000) /* it did not block */
-                backoff(w, 1000);
             wait_ms = BACKOFF_MIN_MS;
             continue;
         }
@@ -505,6 +510,7 @@ static void *consul_main(void *arg)
             break;
         member = (member + 1) % w->n;
         index = 0; /* another agent has indexes of its own */
+        gap_ms = 0;
         backoff(w, wait_ms);
         wait_ms = wait_ms * 2 < BACKOFF_MAX_MS ? wait_ms * 2 : BACKOFF_MAX_MS;
     }

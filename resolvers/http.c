@@ -169,7 +169,9 @@ static size_t on_header(char *line, size_t size, size_t n, void *arg)
         v[len - (sizeof name - 1)] = '\0';
         char *end;
         long long x = strtoll(v, &end, 10);
-        if (end != v && x >= 0)
+        while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
+            end++;
+        if (end != v && *end == '\0' && x >= 0) /* a number, and nothing else */
             h->consul_index = x;
     }
     return len;
@@ -189,8 +191,13 @@ static void setup(pconn__http_t *h, const char *url, const char *post_body, sink
     curl_easy_setopt(e, CURLOPT_SOCKOPTFUNCTION, pconn__http_sockopt_cloexec);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)h->timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(h->timeout_ms + h->blocking_ms));
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)h->timeout_ms);
+    if (h->blocking_ms > 0) {
+        curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 5L);
+        curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 5L);
+    }
     pconn__http_tls_setopt(h, e);
     curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)h->max_bytes);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, h->headers);

@@ -112,11 +112,11 @@ static bool answer(thttp_t *h, int fd)
             long long ns = start.tv_nsec + (ms % 1000) * 1000000;
             struct timespec until = {.tv_sec = start.tv_sec + (time_t)(ms / 1000) + (time_t)(ns / 1000000000),
                                      .tv_nsec = ns % 1000000000};
-            if (want == 0 || h->consul_index > want || h->stop ||
+            if (want == 0 || h->consul_index > want || h->stop || h->consul_alt > 0 ||
                 pthread_cond_timedwait(&h->changed, &h->mutex, &until) != 0)
                 break;
         }
-        long long index = h->consul_index;
+        long long index = h->consul_alt > 0 && h->requests % 2 == 0 ? h->consul_alt : h->consul_index;
         free(body);
         body = strdup(h->body ? h->body : "");
         pthread_mutex_unlock(&h->mutex);

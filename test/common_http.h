@@ -27,6 +27,8 @@ typedef struct thttp_t {
     int requests, connections;
     long long consul_index;   /* HTTP_CONSUL: X-Consul-Index of the body */
     int consul_max_wait_ms;   /* HTTP_CONSUL: a cap on ?wait= (0: none) */
+    long long consul_alt;     /* HTTP_CONSUL, > 0: a misbehaving agent that answers at
+                                 once, its index alternating with this one */
     pthread_cond_t changed;   /* HTTP_CONSUL: body or index changed, or stop */
     bool stop;
     char url[80]; /* http://127.0.0.1:PORT */

@@ -367,6 +367,34 @@ static void test_consul_blocking(void)
     thttp_stop(&b);
 }
 
+/* An agent that answers every query at once, its index jumping back and forth: the
+ * cache asks it at most once a second instead of spinning (each answer is taken). */
+static void test_consul_agent_without_blocking(void)
+{
+    thttp_t a;
+    char list[512];
+    consul_list(list, sizeof list, 7811);
+    CU_ASSERT_EQUAL_FATAL(thttp_start(&a, HTTP_CONSUL, 200, NULL), 0);
+    thttp_consul_set(&a, 100, list);
+    pthread_mutex_lock(&a.mutex);
+    a.consul_alt = 50;
+    pthread_mutex_unlock(&a.mutex);
+    pconn_resolver_t *r = consul_watching(a.url);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(r);
+    CU_ASSERT_TRUE_FATAL(wait_live("web", true, 1)); /* from now on only the cache asks */
+    CU_ASSERT_TRUE(wait_answer(r, "127.0.0.1:7811"));
+    pthread_mutex_lock(&a.mutex);
+    int n0 = a.requests;
+    pthread_mutex_unlock(&a.mutex);
+    int64_t t0 = now_ms();
+    CU_ASSERT_EQUAL(thttp_wait_requests(&a, n0 + 3, WAIT_MS), n0 + 3);
+    /* Each query starts a second after the one before: three more take two seconds at
+     * least (a lower bound, which a slow machine only makes easier to meet). */
+    CU_ASSERT(now_ms() - t0 >= 1900);
+    pconn_resolver_free(r);
+    thttp_stop(&a);
+}
+
 /* The last instance revoked: the cache answers "no instances" as a lookup would. */
 static void test_empty_list(void)
 {
@@ -565,6 +593,7 @@ static const test_def_t tests[] = {
     {"thousand_share_one_watch", test_thousand_share_one_watch},
     {"thousand_pconns", test_thousand_pconns},
     {"consul_blocking", test_consul_blocking},
+    {"consul_agent_without_blocking", test_consul_agent_without_blocking},
     {"empty_list", test_empty_list},
     {"watch_breaks_and_returns", test_watch_breaks_and_returns},
     {"cluster_member_lost", test_cluster_member_lost},
