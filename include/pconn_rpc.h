@@ -44,13 +44,25 @@ typedef struct pconn_rpc_impls_t pconn_rpc_impls_t;
 
 /* Fill *resp (it starts empty; use pconn_buf_append or set data/len/cap to a malloc'd
  * block the library then frees) and return PCONN_OK, or return an error code with err
- * set: the caller then gets PCONN_EREMOTE and err's message. Runs on a thread of the
- * library's handler pool, so a slow handler does not hold up the others; req is valid
- * until it returns. A handler may call anything, pconn_free() of its own pconn included
- * (its pool then finishes the queued handlers after it, without waiting for it); when
- * no pool thread can be started the caller gets PCONN_EREMOTE "no thread to run the
- * handler" at once. Handlers of a pconn still running when pconn_free() returns from
- * another thread: none (it waits for them), except after pconn_free() from a handler. */
+ * set: the caller then gets PCONN_EREMOTE and err's message. req is valid until it
+ * returns.
+ *
+ * Where it runs. On a server, on the thread that reads the connection, and the answers
+ * of the queries read together go out in one write: no hand-over per call. A handler
+ * still running after 10 ms there, or one that calls its peer back with
+ * pconn_rpc_call(), hands the reading to a new thread, so a slow handler holds up no
+ * other query and no heartbeat for longer than that. A handler that waits as a rule (on
+ * a disk, on another service) is better registered with pconn_rpc_impls_add_blocking():
+ * it then runs on the server's handler pool at once. On the client side (a pconn's
+ * `implementations`) every handler runs on the pconn's handler pool.
+ *
+ * A handler may call anything, pconn_free() of its own pconn included (its pool then
+ * finishes the queued handlers after it, without waiting for it), except
+ * pconn_rpc_server_stop() of its own server; when no pool thread can be started the
+ * caller gets PCONN_EREMOTE "no thread to run the handler" at once. Handlers of a pconn
+ * still running when pconn_free() returns from another thread: none (it waits for
+ * them), except after pconn_free() from a handler; of a server, none once
+ * pconn_rpc_server_stop() returns. */
 typedef int (*pconn_rpc_handler_fn)(void *arg, const void *req, size_t req_len,
                                     pconn_buf_t *resp, pconn_error_t *err);
 
@@ -63,6 +75,12 @@ pconn_rpc_impls_t *pconn_rpc_impls_new(void);
  * their threads afterwards. */
 int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
                         pconn_rpc_handler_fn fn, void *arg);
+
+/* As pconn_rpc_impls_add(), for a handler that waits as a rule: a server runs it on its
+ * handler pool (up to 256 threads), never on a connection's reading thread. Same
+ * results. */
+int pconn_rpc_impls_add_blocking(pconn_rpc_impls_t *impls, const char *name, int version,
+                                 pconn_rpc_handler_fn fn, void *arg);
 
 /* Drops the caller's reference to the set. Every server, pconn and connection using it
  * holds a reference of its own, so this may be called as soon as they were created; the

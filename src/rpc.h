@@ -71,8 +71,11 @@ PCONN_HIDDEN int pconn__rpc_pool_busy(rpc_pool_t *p);
 /* References to an implementation table (pconn_rpc_impls_free drops the user's). */
 PCONN_HIDDEN void pconn__rpc_impls_ref(pconn_rpc_impls_t *impls);
 
+/* The handler of (name, version), or NULL; *blocking: registered as one that waits
+ * (pconn_rpc_impls_add_blocking), so never run on a reading thread. */
 PCONN_HIDDEN pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t *impls, const char *name,
-                                                        size_t name_len, uint32_t version, void **arg);
+                                                        size_t name_len, uint32_t version, void **arg,
+                                                        bool *blocking);
 
 /* ---- statistics ---- */
 
@@ -96,6 +99,20 @@ PCONN_HIDDEN rpc_stats_t *pconn__rpc_client_stats(void *connect_arg, pconn_conne
 
 /* ---- connections ---- */
 
+/* A server's watch over the handlers its connections run on their reading threads (see
+ * rpc_conn.c): busy counts those running; the watchdog (the server's accepting thread)
+ * sleeps without a timeout only while none is, and a reader that starts one while it
+ * sleeps wakes it through wake_fd. */
+typedef struct rpc_watch_t {
+    atomic_int busy;
+    atomic_bool sleeping;
+    int wake_fd;
+} rpc_watch_t;
+
+/* A handler still running on its reading thread after this long hands the reading role
+ * to a new thread, so that the connection's other queries and heartbeats go on. */
+#define RPC_INLINE_SLOW_MS 10
+
 typedef struct rpc_config_t {
     pconn_rpc_impls_t *impls; /* may be NULL */
     rpc_pool_t *pool;         /* needed when impls is set */
@@ -108,6 +125,10 @@ typedef struct rpc_config_t {
     rpc_stats_t *stats;                 /* may be NULL; a reference per connection */
     void (*on_log)(int level, const char *message, void *arg); /* server: or NULL */
     void *on_log_arg;
+    rpc_watch_t *watch;                 /* server: handlers run on the reading thread */
+    /* Server, called with the exit_arg: +1, a new reading thread is about to start
+     * (false: don't); -1, it could not start after all. */
+    bool (*reader_count)(void *arg, int delta);
 } rpc_config_t;
 
 /* Calls cfg->on_log, if set, with a formatted line. */
@@ -127,6 +148,12 @@ PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_con
                                       int64_t deadline_ns, int cancel_fd, bool (*cancelled)(void),
                                       void (*on_reader_exit)(void *), void *exit_arg,
                                       pconn_conn_t **out, pconn_error_t *err);
+/* Server: when the handler running on conn's reading thread is still the one that
+ * started at since_ns, hands the reading role to a new thread (the old one answers its
+ * query and ends). true if it did. */
+PCONN_HIDDEN bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns);
+/* Server: since when the handler running on conn's reading thread runs, or 0. */
+PCONN_HIDDEN int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn);
 /* True once the connection's reader has returned. */
 PCONN_HIDDEN bool pconn__rpc_conn_done(pconn_conn_t *conn);
 /* For an RPC connection: its transport and that transport's session (set before the

@@ -1,7 +1,16 @@
-/* rpc_conn.c - an RPC connection: handshake, a reader thread that also keeps the
- * heartbeats, calls multiplexed by id, queries handed to the handler pool.
+/* rpc_conn.c - an RPC connection: handshake, a reading thread that also keeps the
+ * heartbeats, calls multiplexed by id, queries served.
+ *
+ * Reading is a role, held by one thread at a time. Frames are decoded where they lie in
+ * the read buffer. On a server, handlers run on the reading thread and the answers of a
+ * read batch go out in one write; a handler still running after RPC_INLINE_SLOW_MS (the
+ * server's watchdog sees it) or one that calls its peer back hands the role, with the
+ * unread bytes and the queued answers, to a new thread, and its old thread answers its
+ * own query and ends. Handlers registered as blocking, and every handler on the client
+ * side, run on the handler pool.
  * c->lock is held only briefly, never while writing or calling out; c->wlock only by a
- * writer, never together with c->lock. */
+ * writer, never together with c->lock; c->role_lock only around a hand-over (before
+ * c->lock when both). */
 #include "rpc.h"
 #include "tls.h"
 
@@ -22,13 +31,21 @@
 #define READ_BUF 65536
 #define READER_STACK (256 * 1024)
 
+/* An answer queued by the reading thread, sent with the others of its batch. */
+typedef struct answer_t {
+    uint8_t head[21];
+    pconn_buf_t data; /* owned */
+} answer_t;
+#define ANSWERS_MAX 32
+#define ANSWERS_BYTES (256 * 1024)
+
 /* A call waiting for its answer, on the caller's stack. */
 typedef struct pending_t {
     uint64_t id;
     pthread_cond_t cond;
     bool done;
     int code;            /* wire code of the answer, or a local failure */
-    uint8_t *frame;      /* the RESPONSE payload (owned), data at frame + 13 */
+    uint8_t *frame;      /* the RESPONSE data (owned, never NULL once answered) */
     size_t data_len;
     char msg[256];
     struct pending_t *next;
@@ -60,7 +77,16 @@ typedef struct rpc_conn_t {
     void (*on_reader_exit)(void *);
     void *exit_arg;
 
-    /* The reader's alone. */
+    /* Server: the reading role's hand-over (see the top). */
+    pthread_mutex_t role_lock;
+    uint64_t role_gen;             /* the current holder's number; guarded by role_lock */
+    _Atomic int64_t inline_since_ns; /* a handler runs on the reading thread since, or 0 */
+    bool (*reader_count)(void *, int);
+
+    /* The reading role's alone. */
+    answer_t answers[ANSWERS_MAX];
+    int nanswers;
+    size_t answer_bytes;
     uint8_t *rbuf;
     size_t rpos, rlen;
     int64_t last_recv_ns, next_send_ns;
@@ -70,6 +96,7 @@ typedef struct rpc_conn_t {
 } rpc_conn_t;
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
+static _Thread_local rpc_conn_t *tl_inline; /* its handler runs on this reading thread */
 static _Thread_local const pconn_rpc_peer_t *tl_handler_peer;
 
 pconn_conn_t *pconn_rpc_handler_conn(void)
@@ -98,6 +125,8 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->stats = NULL;
     cfg->on_log = NULL;
     cfg->on_log_arg = NULL;
+    cfg->watch = NULL;
+    cfg->reader_count = NULL;
 }
 
 void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
@@ -538,7 +567,7 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
     }
     uint8_t *payload = NULL, head[9];
     size_t len = 0, head_len;
-    uint64_t big;
+    uint64_t big = 0;
     int sys_errno = 0;
     int rc = read_frame(c, RPC_HELLO_MAX, &payload, &len, &big, head, &head_len, &sys_errno);
     if (rc == PCONN_ECLOSED) { /* pconn_close(), or the server stopping (defects 4, 5) */
@@ -597,86 +626,320 @@ static int handshake(rpc_conn_t *c, pconn_error_t *err)
     return PCONN_OK;
 }
 
+/* ---- answers ------------------------------------------------------------------- */
+
+static void free_answers(rpc_conn_t *c)
+{
+    for (int i = 0; i < c->nanswers; i++)
+        pconn_buf_free(&c->answers[i].data);
+    c->nanswers = 0;
+    c->answer_bytes = 0;
+}
+
+/* Sends the queued answers in one write, within the heartbeat timeout (a peer that reads
+ * nothing for that long is as good as dead: the connection fails). WF_OK or what
+ * write_frames() said (the connection then failed, or will on its next read). */
+static int flush_answers(rpc_conn_t *c)
+{
+    if (c->nanswers == 0)
+        return WF_OK;
+    struct iovec iov[2 * ANSWERS_MAX];
+    for (int i = 0; i < c->nanswers; i++) {
+        iov[2 * i] = (struct iovec){c->answers[i].head, sizeof c->answers[i].head};
+        iov[2 * i + 1] = (struct iovec){c->answers[i].data.data, c->answers[i].data.len};
+    }
+    int rc = write_frames(c, iov, 2 * c->nanswers, after_ms(pconn__mono_ns(), c->cfg.hb_timeout_ms));
+    int e = errno;
+    free_answers(c);
+    if (rc == WF_TIMEOUT || rc == WF_TIMEOUT_MIDFRAME)
+        fail(c, PCONN_EIO, "an answer could not be sent for %lld ms: the peer does not read",
+             (long long)c->cfg.hb_timeout_ms);
+    errno = e;
+    return rc;
+}
+
+/* Queues an answer (data taken) to go out with the rest of the batch. */
+static void queue_answer(rpc_conn_t *c, uint64_t id, int code, pconn_buf_t *data)
+{
+    answer_t *a = &c->answers[c->nanswers++];
+    frame_head(a->head, RPC_RESPONSE, 12, data->len);
+    pconn__put_u64(a->head + 9, id);
+    pconn__put_u32(a->head + 17, (uint32_t)code);
+    a->data = *data;
+    *data = (pconn_buf_t){0};
+    c->answer_bytes += sizeof a->head + a->data.len;
+    if (c->nanswers == ANSWERS_MAX || c->answer_bytes >= ANSWERS_BYTES)
+        flush_answers(c);
+}
+
+/* An answer that is a message: queued on the reading thread (reading), else sent now. */
+static void answer_message(rpc_conn_t *c, bool reading, uint64_t id, int code, const char *msg)
+{
+    pconn_buf_t b = {0};
+    if (reading && pconn_buf_append(&b, msg, strlen(msg)) == PCONN_OK) {
+        queue_answer(c, id, code, &b);
+        return;
+    }
+    if (reading)
+        flush_answers(c); /* out of memory: in order, without a copy */
+    send_response(c, id, code, msg, strlen(msg));
+}
+
+/* ---- reading frames ------------------------------------------------------------ */
+
+/* A frame that does not fit the read buffer (or is refused), its length read: the
+ * payload in a new buffer; a RESPONSE's data alone, without its head, so that the
+ * caller gets it as it is (m->data == *owned). */
+static int big_frame(rpc_conn_t *c, uint64_t n, rpc_msg_t *m, uint8_t **owned, uint64_t *big_len,
+                     uint8_t *head, size_t *head_len, char *why, size_t why_size, int *sys_errno)
+{
+    if (n == 0) {
+        snprintf(why, why_size, "zero-length frame");
+        return PCONN_EPROTO;
+    }
+    if (flush_answers(c) != WF_OK) { /* what is done goes out before a long read */
+        *sys_errno = errno;
+        return PCONN_EIO;
+    }
+    if (n > c->cfg.max) {
+        *big_len = n;
+        *head_len = n < 9 ? (size_t)n : 9;
+        if (read_exact(c, head, *head_len, sys_errno) != PCONN_OK)
+            *head_len = 0;
+        return PCONN_ETOOBIG;
+    }
+    uint8_t h[13];
+    size_t hl = n < sizeof h ? (size_t)n : sizeof h;
+    int rc = read_exact(c, h, hl, sys_errno);
+    if (rc != PCONN_OK)
+        return rc;
+    if (h[0] == RPC_RESPONSE && hl == sizeof h) {
+        size_t dl = (size_t)n - sizeof h;
+        uint8_t *d = malloc(dl > 0 ? dl : 1);
+        if (d == NULL)
+            return PCONN_ENOMEM;
+        if ((rc = read_exact(c, d, dl, sys_errno)) != PCONN_OK) {
+            free(d);
+            return rc;
+        }
+        *m = (rpc_msg_t){.type = RPC_RESPONSE, .id = pconn__get_u64(h + 1),
+                         .code = pconn__get_u32(h + 9), .data = d, .data_len = dl};
+        *owned = d;
+        return PCONN_OK;
+    }
+    uint8_t *p = malloc((size_t)n);
+    if (p == NULL)
+        return PCONN_ENOMEM;
+    memcpy(p, h, hl);
+    if ((rc = read_exact(c, p + hl, (size_t)n - hl, sys_errno)) != PCONN_OK) {
+        free(p);
+        return rc;
+    }
+    *owned = p;
+    return pconn__rpc_decode(p, (size_t)n, m, why, why_size);
+}
+
+/* The next frame, decoded where it lies in the read buffer when it fits there (*owned
+ * NULL; valid until the next call), else as big_frame() says. Before waiting for bytes,
+ * the queued answers go out. PCONN_OK; PCONN_ETOOBIG (*big_len, head[0..*head_len): its
+ * length and first bytes); PCONN_EPROTO with why; PCONN_ENOMEM; PCONN_ETIMEDOUT
+ * (heartbeat); PCONN_EIO (end of stream or error, errno in *sys_errno). */
+static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *big_len,
+                      uint8_t *head, size_t *head_len, char *why, size_t why_size, int *sys_errno)
+{
+    *owned = NULL;
+    for (;;) {
+        size_t have = c->rlen - c->rpos;
+        if (have >= 8) {
+            uint64_t n = pconn__get_u64(c->rbuf + c->rpos);
+            if (n > 0 && n <= c->cfg.max && n <= have - 8) {
+                const uint8_t *p = c->rbuf + c->rpos + 8;
+                c->rpos += 8 + (size_t)n;
+                return pconn__rpc_decode(p, (size_t)n, m, why, why_size);
+            }
+            if (n == 0 || n > c->cfg.max || n > READ_BUF - 8) {
+                c->rpos += 8;
+                return big_frame(c, n, m, owned, big_len, head, head_len, why, why_size, sys_errno);
+            }
+        }
+        if (flush_answers(c) != WF_OK) {
+            *sys_errno = errno;
+            return PCONN_EIO;
+        }
+        if (c->rpos > 0) {
+            memmove(c->rbuf, c->rbuf + c->rpos, have);
+            c->rpos = 0;
+            c->rlen = have;
+        }
+        int rc = wait_readable(c);
+        if (rc != PCONN_OK)
+            return rc;
+        ssize_t r = raw_read(c, c->rbuf + c->rlen, READ_BUF - c->rlen);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (r <= 0) {
+            *sys_errno = r < 0 ? errno : 0;
+            return PCONN_EIO;
+        }
+        c->last_recv_ns = pconn__mono_ns();
+        c->rlen += (size_t)r;
+    }
+}
+
 /* ---- serving queries ----------------------------------------------------------- */
+
+/* The answer of a handler that returned rc with resp and err. */
+static void handler_answer(rpc_conn_t *c, bool reading, uint64_t id, int rc, pconn_buf_t *resp,
+                           pconn_error_t *err)
+{
+    if (rc != PCONN_OK) {
+        if (err->message[0] == '\0')
+            snprintf(err->message, sizeof err->message, "%s", pconn_strerror(rc));
+        answer_message(c, reading, id, PCONN_EREMOTE, err->message);
+    } else if (resp->len > c->cfg.max - 13) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "response of %zu bytes over the limit of %zu bytes", resp->len,
+                 c->cfg.max);
+        answer_message(c, reading, id, PCONN_ETOOBIG, msg);
+    } else if (reading) {
+        queue_answer(c, id, RPC_CODE_OK, resp);
+    } else {
+        send_response(c, id, RPC_CODE_OK, resp->data, resp->len);
+    }
+    pconn_buf_free(resp);
+}
+
+static int call_handler(rpc_conn_t *c, pconn_rpc_handler_fn fn, void *harg, const rpc_msg_t *m,
+                        pconn_buf_t *resp, pconn_error_t *err)
+{
+    if (c->cfg.stats != NULL)
+        atomic_fetch_add(&c->cfg.stats->served, 1);
+    tl_handler_conn = c->conn;
+    tl_handler_peer = &c->peer;
+    int rc = fn(harg, m->data, m->data_len, resp, err);
+    tl_handler_conn = NULL;
+    tl_handler_peer = NULL;
+    return rc;
+}
 
 typedef struct job_t {
     rpc_conn_t *c;
-    uint8_t *frame; /* the QUERY payload */
+    pconn_rpc_handler_fn fn;
+    void *harg;
+    uint8_t *buf; /* what m points into */
     rpc_msg_t m;
 } job_t;
 
 static void run_query(void *arg)
 {
     job_t *j = arg;
-    rpc_conn_t *c = j->c;
-    void *harg = NULL;
-    pconn_rpc_handler_fn fn = pconn__rpc_impls_find(c->cfg.impls, j->m.name, j->m.name_len,
-                                                    j->m.version, &harg);
     pconn_buf_t resp = {0};
     pconn_error_t err = {0};
-    if (fn == NULL) {
-        char msg[320];
-        int n = snprintf(msg, sizeof msg, "no implementation of %.*s version %u", (int)j->m.name_len,
-                         j->m.name, j->m.version);
-        send_response(c, j->m.id, PCONN_EUNIMPLEMENTED, msg, (size_t)n);
-    } else {
-        if (c->cfg.stats != NULL)
-            atomic_fetch_add(&c->cfg.stats->served, 1);
-        tl_handler_conn = c->conn;
-        tl_handler_peer = &c->peer;
-        int rc = fn(harg, j->m.data, j->m.data_len, &resp, &err);
-        tl_handler_conn = NULL;
-        tl_handler_peer = NULL;
-        if (rc != PCONN_OK) {
-            if (err.message[0] == '\0')
-                snprintf(err.message, sizeof err.message, "%s", pconn_strerror(rc));
-            send_response(c, j->m.id, PCONN_EREMOTE, err.message, strlen(err.message));
-        } else if (resp.len > c->cfg.max - 13) {
-            char msg[128];
-            int n = snprintf(msg, sizeof msg, "response of %zu bytes over the limit of %zu bytes",
-                             resp.len, c->cfg.max);
-            send_response(c, j->m.id, PCONN_ETOOBIG, msg, (size_t)n);
-        } else {
-            send_response(c, j->m.id, RPC_CODE_OK, resp.data, resp.len);
-        }
-    }
-    pconn_buf_free(&resp);
-    free(j->frame);
-    pconn_conn_unref(c->conn);
+    int rc = call_handler(j->c, j->fn, j->harg, &j->m, &resp, &err);
+    handler_answer(j->c, false, j->m.id, rc, &resp, &err);
+    free(j->buf);
+    pconn_conn_unref(j->c->conn);
     free(j);
 }
 
-/* Takes the payload. */
-static void dispatch_query(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
+/* A query to the handler pool. Takes owned (the payload, when not in the read buffer). */
+static void dispatch_query(rpc_conn_t *c, pconn_rpc_handler_fn fn, void *harg, const rpc_msg_t *m,
+                           uint8_t *owned)
 {
-    if (c->cfg.impls == NULL || c->cfg.pool == NULL) {
-        static const char msg[] = "this side serves no calls";
-        send_response(c, m->id, PCONN_EUNIMPLEMENTED, msg, sizeof msg - 1);
-        free(payload);
-        return;
-    }
     job_t *j = malloc(sizeof *j);
-    if (j == NULL) {
-        send_response(c, m->id, PCONN_EREMOTE, "out of memory", 13);
-        free(payload);
+    uint8_t *buf = owned;
+    if (j != NULL && buf == NULL && (buf = malloc(m->name_len + m->data_len + 1)) != NULL) {
+        memcpy(buf, m->name, m->name_len);
+        memcpy(buf + m->name_len, m->data, m->data_len);
+    }
+    if (j == NULL || buf == NULL) {
+        answer_message(c, true, m->id, PCONN_EREMOTE, "out of memory");
+        free(j);
+        free(buf);
         return;
     }
-    *j = (job_t){c, payload, *m};
+    *j = (job_t){c, fn, harg, buf, *m};
+    if (buf != owned) {
+        j->m.name = (const char *)buf;
+        j->m.data = buf + m->name_len;
+    }
     /* The job may outlive the reader, so it holds a reference of its own. */
     pconn_conn_ref(c->conn); /* never the first: the reader holds one */
     int rc = pconn__rpc_pool_submit(c->cfg.pool, run_query, j);
     if (rc != PCONN_OK) { /* answered, never dropped: the caller learns at once */
         const char *msg = rc == PCONN_ECLOSED ? "shutting down"
                           : rc == RPC_POOL_BUSY ? "no thread to run the handler" : "out of memory";
-        send_response(c, m->id, PCONN_EREMOTE, msg, strlen(msg));
+        answer_message(c, true, m->id, PCONN_EREMOTE, msg);
         pconn_conn_unref(c->conn); /* never the last, for the same reason */
-        free(payload);
+        free(buf);
         free(j);
     }
 }
 
-static void deliver(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
+static void watch_enter(rpc_watch_t *w)
 {
+    if (atomic_fetch_add(&w->busy, 1) == 0 && atomic_load(&w->sleeping) &&
+        atomic_exchange(&w->sleeping, false))
+        pconn__wake(w->wake_fd);
+}
+
+/* A query, on the reading thread numbered me. Takes owned. false: the role went to
+ * another thread while its handler ran here; this thread has answered and must leave. */
+static bool serve_query(rpc_conn_t *c, uint64_t me, const rpc_msg_t *m, uint8_t *owned)
+{
+    void *harg = NULL;
+    bool blocking = false;
+    pconn_rpc_handler_fn fn = c->cfg.impls != NULL && c->cfg.pool != NULL
+                                  ? pconn__rpc_impls_find(c->cfg.impls, m->name, m->name_len,
+                                                          m->version, &harg, &blocking)
+                                  : NULL;
+    if (fn == NULL) {
+        char msg[320];
+        if (c->cfg.impls == NULL || c->cfg.pool == NULL)
+            snprintf(msg, sizeof msg, "this side serves no calls");
+        else
+            snprintf(msg, sizeof msg, "no implementation of %.*s version %u", (int)m->name_len,
+                     m->name, m->version);
+        answer_message(c, true, m->id, PCONN_EUNIMPLEMENTED, msg);
+        free(owned);
+        return true;
+    }
+    if (c->cfg.watch == NULL || blocking) {
+        dispatch_query(c, fn, harg, m, owned);
+        return true;
+    }
+    uint8_t *mybuf = c->rbuf; /* m may point into it: it stays with this thread */
+    watch_enter(c->cfg.watch);
+    atomic_store(&c->inline_since_ns, pconn__mono_ns());
+    tl_inline = c;
+    pconn_buf_t resp = {0};
+    pconn_error_t err = {0};
+    int rc = call_handler(c, fn, harg, m, &resp, &err);
+    tl_inline = NULL;
+    pconn__mutex_lock(&c->role_lock);
+    bool mine = c->role_gen == me;
+    if (mine) /* else it is the new holder's to say */
+        atomic_store(&c->inline_since_ns, 0);
+    pconn__mutex_unlock(&c->role_lock);
+    atomic_fetch_sub(&c->cfg.watch->busy, 1);
+    handler_answer(c, mine, m->id, rc, &resp, &err);
+    free(owned);
+    if (!mine)
+        free(mybuf);
+    return mine;
+}
+
+/* An answer to a call of ours; its data is taken from owned when it is that (a large
+ * answer read straight into its own buffer), else copied. */
+static void deliver(rpc_conn_t *c, const rpc_msg_t *m, uint8_t *owned)
+{
+    uint8_t *data = owned;
+    if (owned == NULL || m->data != owned) {
+        data = malloc(m->data_len > 0 ? m->data_len : 1);
+        if (data != NULL)
+            memcpy(data, m->data, m->data_len);
+        free(owned);
+    }
     pconn__mutex_lock(&c->lock);
     for (pending_t **pp = &c->pending; *pp != NULL; pp = &(*pp)->next) {
         pending_t *p = *pp;
@@ -684,15 +947,20 @@ static void deliver(rpc_conn_t *c, uint8_t *payload, const rpc_msg_t *m)
             continue;
         *pp = p->next;
         p->done = true;
-        p->code = (int)m->code;
-        p->frame = payload;
-        p->data_len = m->data_len;
+        if (data == NULL) {
+            p->code = PCONN_EIO;
+            snprintf(p->msg, sizeof p->msg, "rpc %.200s: out of memory for the answer", c->address);
+        } else {
+            p->code = (int)m->code;
+            p->frame = data;
+            p->data_len = m->data_len;
+            data = NULL;
+        }
         pthread_cond_signal(&p->cond);
-        pconn__mutex_unlock(&c->lock);
-        return;
+        break;
     }
     pconn__mutex_unlock(&c->lock);
-    free(payload); /* its caller gave up */
+    free(data); /* its caller gave up */
 }
 
 static void refuse_big(rpc_conn_t *c, uint64_t big, const uint8_t *head, size_t head_len)
@@ -701,32 +969,83 @@ static void refuse_big(rpc_conn_t *c, uint64_t big, const uint8_t *head, size_t 
     snprintf(msg, sizeof msg, "frame of %llu bytes over the limit of %zu bytes",
              (unsigned long long)big, c->cfg.max);
     if (head_len == 9 && head[0] == RPC_QUERY) {
+        flush_answers(c);
         send_response(c, pconn__get_u64(head + 1), PCONN_ETOOBIG, msg, strlen(msg));
     } else if (head_len == 9 && head[0] == RPC_RESPONSE) {
         /* The call whose answer it was learns why. */
-        rpc_msg_t m = {.id = pconn__get_u64(head + 1), .code = PCONN_ETOOBIG};
-        uint8_t *copy = malloc(13 + strlen(msg));
-        if (copy != NULL) {
-            memcpy(copy + 13, msg, strlen(msg));
-            m.data_len = strlen(msg);
-            deliver(c, copy, &m);
-        }
+        rpc_msg_t m = {.id = pconn__get_u64(head + 1), .code = PCONN_ETOOBIG,
+                       .data = (const uint8_t *)msg, .data_len = strlen(msg)};
+        deliver(c, &m, NULL);
     }
     send_close(c, PCONN_ETOOBIG, msg);
     fail(c, PCONN_EIO, "closed: %s", msg);
 }
 
+static void *reader_main(void *arg);
+
+bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
+{
+    rpc_conn_t *c = pconn_conn_impl(conn);
+    uint8_t *nb = malloc(READ_BUF);
+    if (nb == NULL)
+        return false;
+    pconn__mutex_lock(&c->role_lock);
+    int64_t now_since = atomic_load(&c->inline_since_ns);
+    pconn__mutex_lock(&c->lock);
+    bool ok = now_since != 0 && (since_ns == 0 || now_since == since_ns) && !c->failed;
+    pconn__mutex_unlock(&c->lock);
+    if (ok && c->reader_count != NULL && !c->reader_count(c->exit_arg, 1))
+        ok = false;
+    if (ok) {
+        /* The unread bytes go with the role; the bytes the handler reads stay. */
+        uint8_t *old = c->rbuf;
+        size_t rpos = c->rpos, rlen = c->rlen;
+        memcpy(nb, old + rpos, rlen - rpos);
+        c->rbuf = nb;
+        c->rpos = 0;
+        c->rlen = rlen - rpos;
+        c->role_gen++;
+        atomic_store(&c->inline_since_ns, 0); /* the new holder runs no handler yet */
+        pconn_conn_ref(c->conn); /* the new thread's; never the first: the old one holds one */
+        pthread_t t;
+        if (pconn__thread_start(&t, reader_main, c, READER_STACK, true) == 0) {
+            nb = NULL;
+        } else {
+            c->role_gen--;
+            atomic_store(&c->inline_since_ns, now_since);
+            c->rbuf = old;
+            c->rpos = rpos;
+            c->rlen = rlen;
+            pconn_conn_unref(c->conn);
+            if (c->reader_count != NULL)
+                c->reader_count(c->exit_arg, -1);
+            ok = false;
+        }
+    }
+    pconn__mutex_unlock(&c->role_lock);
+    free(nb);
+    return ok;
+}
+
+int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn)
+{
+    return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->inline_since_ns);
+}
+
 static void *reader_main(void *arg)
 {
     rpc_conn_t *c = arg;
-    c->last_recv_ns = pconn__mono_ns();
-    c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
+    pconn__mutex_lock(&c->role_lock);
+    uint64_t me = c->role_gen;
+    pconn__mutex_unlock(&c->role_lock);
     for (;;) {
-        uint8_t *payload = NULL, head[9];
-        size_t len = 0, head_len = 0;
+        rpc_msg_t m;
+        uint8_t *owned = NULL, head[9];
+        size_t head_len = 0;
         uint64_t big = 0;
         int sys_errno = 0;
-        int rc = read_frame(c, c->cfg.max, &payload, &len, &big, head, &head_len, &sys_errno);
+        char why[128] = "";
+        int rc = next_frame(c, &m, &owned, &big, head, &head_len, why, sizeof why, &sys_errno);
         if (rc == PCONN_ETOOBIG) {
             refuse_big(c, big, head, head_len);
             break;
@@ -749,16 +1068,12 @@ static void *reader_main(void *arg)
                 fail(c, PCONN_EIO, "connection closed by peer");
             break;
         }
-        rpc_msg_t m;
-        char why[128] = "zero-length frame";
-        if (rc == PCONN_OK)
-            rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);
         if (rc == PCONN_OK && m.type == RPC_HELLO) {
             snprintf(why, sizeof why, "HELLO after the handshake");
             rc = PCONN_EPROTO;
         }
         if (rc != PCONN_OK) {
-            free(payload);
+            free(owned);
             if (rc == PCONN_ENOMEM)
                 snprintf(why, sizeof why, "out of memory");
             send_close(c, PCONN_EPROTO, why);
@@ -766,18 +1081,27 @@ static void *reader_main(void *arg)
             break;
         }
         if (m.type == RPC_QUERY) {
-            dispatch_query(c, payload, &m);
+            if (!serve_query(c, me, &m, owned)) {
+                /* The role went on without this thread: it leaves with its reference. */
+                void (*on_exit)(void *) = c->on_reader_exit;
+                void *exit_arg = c->exit_arg;
+                pconn_conn_unref(c->conn);
+                if (on_exit != NULL)
+                    on_exit(exit_arg);
+                return NULL;
+            }
         } else if (m.type == RPC_RESPONSE) {
-            deliver(c, payload, &m);
+            deliver(c, &m, owned);
         } else if (m.type == RPC_CLOSE) {
             fail(c, PCONN_EIO, "closed by peer: %.*s", (int)(m.data_len < 200 ? m.data_len : 200),
                  (const char *)m.data);
-            free(payload);
+            free(owned);
             break;
         } else {
-            free(payload); /* HEARTBEAT: its arrival was all */
+            free(owned); /* HEARTBEAT: its arrival was all */
         }
     }
+    free_answers(c); /* the connection failed: they cannot go out */
     atomic_store(&c->reader_done, true);
     if (c->on_reader_exit != NULL)
         c->on_reader_exit(c->exit_arg);
@@ -846,6 +1170,7 @@ static void rpc_destroy(void *impl)
     else if (c->reader_started)
         pthread_join(c->reader, NULL);
     pthread_cond_destroy(&c->reader_cond);
+    pthread_mutex_destroy(&c->role_lock);
     pconn__rpc_pool_unref(c->cfg.pool);
     pconn_rpc_impls_free(c->cfg.impls); /* the connection's reference */
     pconn__rpc_stats_unref(c->cfg.stats);
@@ -962,6 +1287,9 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->reader_cond, NULL);
+    pthread_mutex_init(&c->role_lock, NULL);
+    atomic_init(&c->inline_since_ns, 0);
+    c->reader_count = cfg->reader_count;
     c->conn = pconn_conn_new(&rpc_ops, c);
     if (c->conn == NULL) {
         rpc_destroy(c);
@@ -988,6 +1316,8 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         /* The reader's own reference, dropped as its last act: it never takes one from a
          * count that may have reached zero (issue 9, defect 1). */
         pconn_conn_ref(c->conn);
+        c->last_recv_ns = pconn__mono_ns();
+        c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
         c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
         if (!c->reader_started) {
             pconn_conn_unref(c->conn);
@@ -1053,16 +1383,14 @@ static void finish_call(pconn_rpc_call_t *call, pending_t *p)
         return;
     }
     if (p->code == RPC_CODE_OK) {
-        /* Hand the frame over without copying: move the data to its start. */
-        memmove(p->frame, p->frame + 13, p->data_len);
-        call->resp = (pconn_buf_t){.data = p->frame, .len = p->data_len, .cap = p->data_len + 13};
+        call->resp = (pconn_buf_t){.data = p->frame, .len = p->data_len, .cap = p->data_len};
         call->status = PCONN_OK;
         call->err = (pconn_error_t){0};
         return;
     }
     int code = p->code == PCONN_EUNIMPLEMENTED || p->code == PCONN_ETOOBIG ? p->code : PCONN_EREMOTE;
     int n = (int)(p->data_len < 255 ? p->data_len : 255);
-    local_error(&call->err, code, "%.*s", n, (const char *)p->frame + 13);
+    local_error(&call->err, code, "%.*s", n, (const char *)p->frame);
     call->status = code;
     free(p->frame);
 }
@@ -1096,6 +1424,12 @@ static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
                       struct iovec *iov)
 {
     int64_t deadline = pconn__deadline_ns(timeout_ms);
+    if (tl_inline == c) {
+        /* A handler on the reading thread calls its peer back: the answer comes in on
+         * this connection, so someone else must read it. */
+        tl_inline = NULL;
+        pconn__rpc_conn_handoff(c->conn, 0);
+    }
     size_t live = 0;
     for (size_t i = 0; i < n; i++) {
         ps[i] = (pending_t){0};

@@ -48,6 +48,7 @@ typedef struct impl_t {
     uint32_t version;
     pconn_rpc_handler_fn fn;
     void *arg;
+    bool blocking;
 } impl_t;
 
 struct pconn_rpc_impls_t {
@@ -71,26 +72,29 @@ void pconn__rpc_impls_ref(pconn_rpc_impls_t *impls)
 }
 
 pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t *impls, const char *name,
-                                           size_t name_len, uint32_t version, void **arg)
+                                           size_t name_len, uint32_t version, void **arg,
+                                           bool *blocking)
 {
     for (size_t i = 0; impls != NULL && i < impls->n; i++) {
         const impl_t *m = &impls->items[i];
         if (m->version == version && m->name_len == name_len && memcmp(m->name, name, name_len) == 0) {
             *arg = m->arg;
+            if (blocking != NULL)
+                *blocking = m->blocking;
             return m->fn;
         }
     }
     return NULL;
 }
 
-int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
-                        pconn_rpc_handler_fn fn, void *arg)
+static int impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
+                     pconn_rpc_handler_fn fn, void *arg, bool blocking)
 {
     if (impls == NULL || name == NULL || fn == NULL || version < 0)
         return PCONN_EINVAL;
     size_t len = strlen(name);
     void *ignored;
-    if (len == 0 || len > RPC_NAME_MAX || pconn__rpc_impls_find(impls, name, len, (uint32_t)version, &ignored))
+    if (len == 0 || len > RPC_NAME_MAX || pconn__rpc_impls_find(impls, name, len, (uint32_t)version, &ignored, NULL))
         return PCONN_EINVAL;
     if (impls->n == impls->cap) {
         size_t cap = impls->cap ? impls->cap * 2 : 8;
@@ -108,8 +112,21 @@ int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
     m->version = (uint32_t)version;
     m->fn = fn;
     m->arg = arg;
+    m->blocking = blocking;
     impls->n++;
     return PCONN_OK;
+}
+
+int pconn_rpc_impls_add(pconn_rpc_impls_t *impls, const char *name, int version,
+                        pconn_rpc_handler_fn fn, void *arg)
+{
+    return impls_add(impls, name, version, fn, arg, false);
+}
+
+int pconn_rpc_impls_add_blocking(pconn_rpc_impls_t *impls, const char *name, int version,
+                                 pconn_rpc_handler_fn fn, void *arg)
+{
+    return impls_add(impls, name, version, fn, arg, true);
 }
 
 void pconn_rpc_impls_free(pconn_rpc_impls_t *impls)

@@ -1,5 +1,7 @@
-/* rpc_server.c - the server side: an accepting thread; per connection a reader thread
- * that first runs the handshake; queries run on a shared handler pool. */
+/* rpc_server.c - the server side: an accepting thread that is also the watchdog of the
+ * handlers running on reading threads; per connection a greeter for the handshake, then
+ * a reading thread that runs the handlers (rpc_conn.c); blocking handlers run on a
+ * shared pool. */
 #include "rpc.h"
 #include "tls.h"
 
@@ -51,6 +53,7 @@ struct pconn_rpc_server_t {
     int greeters;         /* handshakes under way */
     int readers;          /* connection readers still running: they call back into us */
     bool stopping;
+    rpc_watch_t watch;
 };
 
 /* Drops the connections whose reader has ended. */
@@ -88,6 +91,46 @@ static void reader_exited(void *arg)
     pthread_cond_broadcast(&srv->cond);
     pconn__wake(srv->wake_fd); /* the acceptor reaps it */
     pconn__mutex_unlock(&srv->mutex);
+}
+
+/* A connection's reading role goes to a new thread (+1), which will call
+ * reader_exited; or that thread could not be started (-1). */
+static bool reader_count(void *arg, int delta)
+{
+    pconn_rpc_server_t *srv = arg;
+    pconn__mutex_lock(&srv->mutex);
+    bool ok = delta < 0 || !srv->stopping;
+    if (ok)
+        srv->readers += delta;
+    if (srv->readers == 0)
+        pthread_cond_broadcast(&srv->cond);
+    pconn__mutex_unlock(&srv->mutex);
+    return ok;
+}
+
+/* The watchdog: a handler that has run on its reading thread for RPC_INLINE_SLOW_MS
+ * hands the reading role on (a few connections per tick). */
+static void hand_off_slow(pconn_rpc_server_t *srv)
+{
+    enum { AT_ONCE = 16 };
+    pconn_conn_t *slow[AT_ONCE];
+    int64_t since[AT_ONCE];
+    int n = 0;
+    int64_t now = pconn__mono_ns();
+    pconn__mutex_lock(&srv->mutex);
+    for (entry_t *e = srv->conns; e != NULL && n < AT_ONCE; e = e->next) {
+        int64_t t = pconn__rpc_conn_inline_since(e->conn);
+        if (t != 0 && now - t >= (int64_t)RPC_INLINE_SLOW_MS * 1000000) {
+            pconn_conn_ref(e->conn);
+            slow[n] = e->conn;
+            since[n++] = t;
+        }
+    }
+    pconn__mutex_unlock(&srv->mutex);
+    for (int i = 0; i < n; i++) {
+        pconn__rpc_conn_handoff(slow[i], since[i]);
+        pconn_conn_unref(slow[i]);
+    }
 }
 
 /* Handshakes one accepted connection, then keeps it (its reader runs on). */
@@ -150,7 +193,7 @@ static void refuse(int fd, int limit)
 static void *accept_main(void *arg)
 {
     pconn_rpc_server_t *srv = arg;
-    bool backoff = false;
+    int64_t backoff_until = 0;
     for (;;) {
         pconn__mutex_lock(&srv->mutex);
         bool room = srv->greeters < MAX_GREETERS;
@@ -158,13 +201,24 @@ static void *accept_main(void *arg)
         /* Out of descriptors (EMFILE): the listener stays readable, so it is left out of
          * the poll for a while instead of spinning (issue 9, defect 6); a closing
          * connection wakes us earlier. */
+        int64_t now = pconn__mono_ns();
+        bool backoff = now < backoff_until;
+        int timeout = backoff ? pconn__poll_timeout_ms(backoff_until) : -1;
+        /* While a handler runs on a reading thread, tick to see whether it is slow. */
+        atomic_store(&srv->watch.sleeping, true);
+        if (atomic_load(&srv->watch.busy) > 0) {
+            atomic_store(&srv->watch.sleeping, false);
+            if (timeout < 0 || timeout > RPC_INLINE_SLOW_MS / 2)
+                timeout = RPC_INLINE_SLOW_MS / 2;
+        }
         short lev = backoff || !room ? 0 : POLLIN;
         struct pollfd pfd[2] = {{.fd = srv->wake_fd, .events = POLLIN}, {.fd = srv->lfd, .events = lev}};
-        int prc = poll(pfd, 2, backoff ? EMFILE_BACKOFF_MS : -1);
+        int prc = poll(pfd, 2, timeout);
+        atomic_store(&srv->watch.sleeping, false);
         if (prc < 0 && errno != EINTR)
             break;
-        if (prc == 0)
-            backoff = false;
+        if (atomic_load(&srv->watch.busy) > 0)
+            hand_off_slow(srv);
         entry_t *dead = NULL;
         pconn__mutex_lock(&srv->mutex);
         bool stopping = srv->stopping;
@@ -173,7 +227,7 @@ static void *accept_main(void *arg)
         reap_locked(srv, &dead);
         pconn__mutex_unlock(&srv->mutex);
         if (dead != NULL)
-            backoff = false; /* descriptors came free */
+            backoff_until = 0; /* descriptors came free */
         free_entries(dead);
         if (stopping)
             break;
@@ -184,10 +238,12 @@ static void *accept_main(void *arg)
         int fd = accept4(srv->lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
         if (fd < 0) {
             int e = errno;
-            backoff = e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
-            if (backoff)
+            bool out_of = e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+            if (out_of) {
+                backoff_until = pconn__mono_ns() + (int64_t)EMFILE_BACKOFF_MS * 1000000;
                 pconn__rpc_log(&srv->cfg, PCONN_LOG_ERROR, "accept on %s: %s; not accepting for %d ms",
                                srv->address, strerror(e), EMFILE_BACKOFF_MS);
+            }
             continue;
         }
         pconn__mutex_lock(&srv->mutex);
@@ -279,6 +335,11 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->cfg.on_log = opts->on_log;
     srv->cfg.on_log_arg = opts->on_log_arg;
     srv->cfg.stats = pconn__rpc_stats_new();
+    atomic_init(&srv->watch.busy, 0);
+    atomic_init(&srv->watch.sleeping, false);
+    srv->watch.wake_fd = srv->wake_fd;
+    srv->cfg.watch = &srv->watch;
+    srv->cfg.reader_count = reader_count;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL && srv->cfg.stats != NULL
@@ -354,7 +415,8 @@ char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv)
     int conns = srv->nconns, greeters = srv->greeters;
     pconn__mutex_unlock(&srv->mutex);
     json_t *o = json_pack("{s:s,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
-                          "handshakes", greeters, "handlers_busy", pconn__rpc_pool_busy(srv->cfg.pool));
+                          "handshakes", greeters, "handlers_busy",
+                          pconn__rpc_pool_busy(srv->cfg.pool) + atomic_load(&srv->watch.busy));
     if (o == NULL)
         return NULL;
     pconn__rpc_stats_json(srv->cfg.stats, o);

@@ -150,12 +150,22 @@ void *__wrap_calloc(size_t n, size_t size)
 }
 
 static atomic_bool no_threads; /* every pthread_create() fails */
+static int threads_refused;   /* while no_threads; guarded by refused_mutex */
+static pthread_mutex_t refused_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t refused_cond = PTHREAD_COND_INITIALIZER;
 
 int __real_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg);
 int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg)
 {
-    return atomic_load(&no_threads) || fault(1) ? EAGAIN : __real_pthread_create(t, a, fn, arg);
+    if (atomic_load(&no_threads)) {
+        pthread_mutex_lock(&refused_mutex);
+        threads_refused++;
+        pthread_cond_broadcast(&refused_cond);
+        pthread_mutex_unlock(&refused_mutex);
+        return EAGAIN;
+    }
+    return fault(1) ? EAGAIN : __real_pthread_create(t, a, fn, arg);
 }
 
 /* ---- the workload ------------------------------------------------------------------- */
@@ -485,9 +495,79 @@ static void test_no_thread_for_anything(void)
     pconn_free(pc);
 }
 
+/* A handler that holds its server's reading thread, the door its test opens. */
+static pthread_mutex_t hold_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t hold_cond = PTHREAD_COND_INITIALIZER;
+static bool hold_open;
+
+static int h_hold(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    pthread_mutex_lock(&hold_mutex);
+    while (!hold_open)
+        pthread_cond_wait(&hold_cond, &hold_mutex);
+    pthread_mutex_unlock(&hold_mutex);
+    return pconn_buf_append(resp, req, len);
+}
+
+/* Opens the door once two thread creations were refused: the server's watchdog tried
+ * twice to hand the reading on. */
+static void *opener_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&refused_mutex);
+    while (threads_refused < 2)
+        pthread_cond_wait(&refused_cond, &refused_mutex);
+    pthread_mutex_unlock(&refused_mutex);
+    pthread_mutex_lock(&hold_mutex);
+    hold_open = true;
+    pthread_cond_broadcast(&hold_cond);
+    pthread_mutex_unlock(&hold_mutex);
+    return NULL;
+}
+
+/* A slow handler on a server's reading thread when no thread can be created: the
+ * hand-over of the reading fails, the handler's thread keeps reading, and every query
+ * is answered once it returns; nothing leaks (ASan). */
+static void test_no_thread_for_a_hand_over(void)
+{
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "hold", 1, h_hold, NULL), PCONN_OK);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_rpc_options_t o = {.base = {.server_name = "hold", .resolver = pconn_resolver_static(&address, 1)}};
+    pconn_t *pc = NULL;
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    hold_open = false;
+    threads_refused = 0;
+    pthread_t opener;
+    CU_ASSERT_EQUAL_FATAL(pthread_create(&opener, NULL, opener_main, NULL), 0);
+    atomic_store(&no_threads, true);
+    pconn_rpc_call_t calls[3];
+    for (int i = 0; i < 3; i++)
+        calls[i] = (pconn_rpc_call_t){.name = "hold", .version = 1, .req = "abc", .req_len = (size_t)i + 1};
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 3, WAIT_MS), PCONN_OK);
+    atomic_store(&no_threads, false);
+    pthread_join(opener, NULL);
+    for (int i = 0; i < 3; i++) {
+        CU_ASSERT_EQUAL(calls[i].status, PCONN_OK);
+        CU_ASSERT(calls[i].resp.len == (size_t)i + 1 && memcmp(calls[i].resp.data, "abc", (size_t)i + 1) == 0);
+        pconn_buf_free(&calls[i].resp);
+    }
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
 static const test_def_t tests[] = {
     {"no_thread_for_anything", test_no_thread_for_anything},
     {"no_handler_thread", test_no_handler_thread},
+    {"no_thread_for_a_hand_over", test_no_thread_for_a_hand_over},
     {"syscall_faults", test_syscall_faults},
     {"signals_without_restart", test_signals_without_restart},
     {NULL, NULL},

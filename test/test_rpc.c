@@ -122,6 +122,14 @@ static int h_whoami(void *arg, const void *req, size_t len, pconn_buf_t *resp, p
     return pconn_buf_append(resp, a, strlen(a));
 }
 
+/* The thread a handler runs on, as its answer. */
+static int h_where(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)req, (void)len, (void)err;
+    pthread_t self = pthread_self();
+    return pconn_buf_append(resp, &self, sizeof self);
+}
+
 static pconn_rpc_impls_t *server_impls(void)
 {
     pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
@@ -131,6 +139,9 @@ static pconn_rpc_impls_t *server_impls(void)
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "slow", 1, h_slow, NULL), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "ask_back", 1, h_ask_back, NULL), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "whoami", 1, h_whoami, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "where", 1, h_where, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add_blocking(impls, "where", 2, h_where, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add_blocking(impls, "where", 2, h_where, NULL), PCONN_EINVAL);
     /* The same pair twice, and bad names, are refused. */
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "echo", 1, h_echo, NULL), PCONN_EINVAL);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "", 1, h_echo, NULL), PCONN_EINVAL);
@@ -405,6 +416,67 @@ static void test_slow_handler_blocks_nobody(void)
     gate_set(true);
     pthread_join(s.thread, NULL);
     CU_ASSERT_EQUAL(s.rc, PCONN_OK);
+    teardown(&f);
+}
+
+/* A handler that holds the server's reading thread hands the reading on (design of
+ * issue 9): the heartbeats go on, so a client whose heartbeat timeout is a few times
+ * shorter than the handler's wait keeps its connection, and other calls are answered. */
+static void test_slow_handler_keeps_heartbeats(void)
+{
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_heartbeat_t hb = {.timeout_ms = 200, .send_every_ms = 40};
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .heartbeat = hb};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.heartbeat = hb;
+    pconn_t *pc = NULL;
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    gate_set(false);
+    slow_call_t s = {.conn = conn};
+    pthread_create(&s.thread, NULL, slow_main, &s);
+    gate_wait_inside(1);
+    /* Five heartbeat timeouts with the handler inside: the connection stays. */
+    CU_ASSERT_EQUAL(pconn_conn_wait_closed(conn, 5 * hb.timeout_ms), PCONN_ETIMEDOUT);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "fast", 4, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    gate_set(true);
+    pthread_join(s.thread, NULL);
+    CU_ASSERT_EQUAL(s.rc, PCONN_OK);
+    CU_ASSERT_EQUAL(rec_wait_kind(&rec, PCONN_EVENT_DISCONNECTED, 0, 0), -1);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+    rec_destroy(&rec);
+}
+
+/* Where handlers run: the ones added with pconn_rpc_impls_add on the thread that reads
+ * the connection (the same thread for a batch of calls), a blocking one on the pool,
+ * never on that thread. */
+static void test_handler_threads(void)
+{
+    fixture_t f;
+    setup(&f);
+    pconn_rpc_call_t calls[4];
+    for (int i = 0; i < 4; i++)
+        calls[i] = (pconn_rpc_call_t){.name = "where", .version = i < 3 ? 1 : 2};
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(f.conn, calls, 4, WAIT_MS), PCONN_OK);
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) {
+        CU_ASSERT_EQUAL_FATAL(calls[i].resp.len, sizeof(pthread_t));
+        memcpy(&t[i], calls[i].resp.data, sizeof t[i]);
+        pconn_buf_free(&calls[i].resp);
+    }
+    CU_ASSERT(!pthread_equal(t[3], t[0]) && !pthread_equal(t[3], t[1]) && !pthread_equal(t[3], t[2]));
     teardown(&f);
 }
 
@@ -1813,6 +1885,8 @@ static const test_def_t tests[] = {
     {"many_threads_one_connection", test_many_threads_one_connection},
     {"slow_handler_blocks_nobody", test_slow_handler_blocks_nobody},
     {"call_timeout", test_call_timeout},
+    {"slow_handler_keeps_heartbeats", test_slow_handler_keeps_heartbeats},
+    {"handler_threads", test_handler_threads},
     {"server_stop_fails_calls_in_flight", test_server_stop_fails_calls_in_flight},
     {"server_calls_client", test_server_calls_client},
     {"dispatch_and_bind", test_dispatch_and_bind},
