@@ -69,6 +69,7 @@ typedef struct rpc_conn_t {
 
     pthread_t reader;
     bool reader_started;
+    bool reader_detached; /* the reader is the opener's thread (cfg.opener_reads) */
     atomic_bool reader_done;
     /* Guarded by lock: the reader's end, and the hand-over of its reference. */
     pthread_cond_t reader_cond;
@@ -127,6 +128,7 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->on_log_arg = NULL;
     cfg->watch = NULL;
     cfg->reader_count = NULL;
+    cfg->opener_reads = false;
 }
 
 void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
@@ -1008,7 +1010,8 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
         atomic_store(&c->inline_since_ns, 0); /* the new holder runs no handler yet */
         pconn_conn_ref(c->conn); /* the new thread's; never the first: the old one holds one */
         pthread_t t;
-        if (pconn__thread_start(&t, reader_main, c, READER_STACK, true) == 0) {
+        /* The default stack, as handlers run on it. */
+        if (pconn__thread_start(&t, reader_main, c, 0, true) == 0) {
             nb = NULL;
         } else {
             c->role_gen--;
@@ -1025,6 +1028,11 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
     pconn__mutex_unlock(&c->role_lock);
     free(nb);
     return ok;
+}
+
+void pconn__rpc_conn_read(pconn_conn_t *conn)
+{
+    reader_main(pconn_conn_impl(conn));
 }
 
 int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn)
@@ -1165,7 +1173,9 @@ static void rpc_destroy(void *impl)
 {
     rpc_conn_t *c = impl;
     shutdown(c->fd, SHUT_RDWR);
-    if (c->reader_started && pthread_equal(c->reader, pthread_self()))
+    if (c->reader_started && c->reader_detached)
+        ; /* not ours to join: its owner's thread */
+    else if (c->reader_started && pthread_equal(c->reader, pthread_self()))
         pthread_detach(c->reader);
     else if (c->reader_started)
         pthread_join(c->reader, NULL);
@@ -1318,7 +1328,12 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         pconn_conn_ref(c->conn);
         c->last_recv_ns = pconn__mono_ns();
         c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
-        c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
+        if (c->cfg.opener_reads) {
+            c->reader = pthread_self();
+            c->reader_started = c->reader_detached = true;
+        } else {
+            c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
+        }
         if (!c->reader_started) {
             pconn_conn_unref(c->conn);
             pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "rpc %s: reader thread", address);

@@ -133,7 +133,7 @@ static void hand_off_slow(pconn_rpc_server_t *srv)
     }
 }
 
-/* Handshakes one accepted connection, then keeps it (its reader runs on). */
+/* Handshakes one accepted connection, keeps it, then goes on as its reader. */
 static void *greet_main(void *arg)
 {
     greeter_t *g = arg;
@@ -150,6 +150,7 @@ static void *greet_main(void *arg)
     if (rc != PCONN_OK && rc != PCONN_ECLOSED)
         pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "peer %s rejected: %s", g->address, err.message);
     entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
+    pconn_conn_t *mine = conn;
     pconn__mutex_lock(&srv->mutex);
     if (rc != PCONN_OK)
         srv->readers--; /* no reader was started */
@@ -166,9 +167,13 @@ static void *greet_main(void *arg)
     pconn__wake(srv->wake_fd); /* the acceptor may be waiting for a free handshake slot */
     pconn__mutex_unlock(&srv->mutex);
     free(e);
-    if (conn != NULL) /* stopping, or no memory */
-        pconn__conn_release(conn);
     free(g);
+    if (conn != NULL) /* stopping, or no memory: the reader ends at once */
+        pconn_conn_close(conn);
+    if (mine != NULL)
+        pconn__rpc_conn_read(mine); /* until the connection ends; then mine may be gone */
+    if (conn != NULL)
+        pconn__conn_release(conn);
     return NULL;
 }
 
@@ -276,7 +281,8 @@ static void *accept_main(void *arg)
         pconn__mutex_lock(&srv->mutex);
         srv->greeters++;
         pconn__mutex_unlock(&srv->mutex);
-        if (pconn__thread_start(&t, greet_main, g, 256 * 1024, true) != 0) {
+        /* The default stack: handlers run on it once the handshake is done. */
+        if (pconn__thread_start(&t, greet_main, g, 0, true) != 0) {
             pconn__mutex_lock(&srv->mutex);
             srv->greeters--;
             pconn__mutex_unlock(&srv->mutex);
@@ -340,6 +346,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->watch.wake_fd = srv->wake_fd;
     srv->cfg.watch = &srv->watch;
     srv->cfg.reader_count = reader_count;
+    srv->cfg.opener_reads = true;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL && srv->cfg.stats != NULL

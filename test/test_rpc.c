@@ -130,6 +130,18 @@ static int h_where(void *arg, const void *req, size_t len, pconn_buf_t *resp, pc
     return pconn_buf_append(resp, &self, sizeof self);
 }
 
+/* A handler with a megabyte on its stack: handlers run on threads of the default stack
+ * size wherever they run. */
+static int h_deep(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)req, (void)len, (void)err;
+    volatile char big[1 << 20];
+    for (size_t i = 0; i < sizeof big; i += 4096)
+        big[i] = (char)i;
+    char last = big[sizeof big - 4096];
+    return pconn_buf_append(resp, &last, 1);
+}
+
 static pconn_rpc_impls_t *server_impls(void)
 {
     pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
@@ -140,6 +152,7 @@ static pconn_rpc_impls_t *server_impls(void)
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "ask_back", 1, h_ask_back, NULL), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "whoami", 1, h_whoami, NULL), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "where", 1, h_where, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "deep", 1, h_deep, NULL), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add_blocking(impls, "where", 2, h_where, NULL), PCONN_OK);
     CU_ASSERT_EQUAL(pconn_rpc_impls_add_blocking(impls, "where", 2, h_where, NULL), PCONN_EINVAL);
     /* The same pair twice, and bad names, are refused. */
@@ -477,6 +490,10 @@ static void test_handler_threads(void)
         pconn_buf_free(&calls[i].resp);
     }
     CU_ASSERT(!pthread_equal(t[3], t[0]) && !pthread_equal(t[3], t[1]) && !pthread_equal(t[3], t[2]));
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "deep", 1, NULL, 0, &resp, WAIT_MS, NULL), PCONN_OK);
+    CU_ASSERT_EQUAL(resp.len, 1);
+    pconn_buf_free(&resp);
     teardown(&f);
 }
 
