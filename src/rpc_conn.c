@@ -8,6 +8,14 @@
  * unread bytes and the queued answers, to a new thread, and its old thread answers its
  * own query and ends. Handlers registered as blocking, and every handler on the client
  * side, run on the handler pool.
+ *
+ * A client reads by leader/follower: a caller waiting for its answer takes the reading
+ * role when no one holds it and reads for everyone until its own answers are in, then
+ * wakes one other waiter to take over; the others wait on their condition. The
+ * connection's watcher thread reads only when no call has been in flight for
+ * WATCH_IDLE_MS (heartbeats, CLOSE, the server's queries), and lets go when a caller
+ * kicks it; a frame larger than the read buffer is read by the watcher too, as a caller
+ * must be able to leave mid-read when its deadline passes.
  * c->lock is held only briefly, never while writing or calling out; c->wlock only by a
  * writer, never together with c->lock; c->role_lock only around a hand-over (before
  * c->lock when both). */
@@ -42,8 +50,9 @@ typedef struct answer_t {
 /* A call waiting for its answer, on the caller's stack. */
 typedef struct pending_t {
     uint64_t id;
-    pthread_cond_t cond;
+    pthread_cond_t *cond; /* its batch's: the caller waits on it */
     bool done;
+    bool waiting;        /* its caller waits (or leads), so it may be asked to lead */
     int code;            /* wire code of the answer, or a local failure */
     uint8_t *frame;      /* the RESPONSE data (owned, never NULL once answered) */
     size_t data_len;
@@ -84,7 +93,18 @@ typedef struct rpc_conn_t {
     _Atomic int64_t inline_since_ns; /* a handler runs on the reading thread since, or 0 */
     bool (*reader_count)(void *, int);
 
+    /* Client: who reads; guarded by lock (see the top). */
+    enum { ROLE_NONE, ROLE_WATCHER, ROLE_CALLER } role;
+    bool watcher_wanted;    /* a frame only the watcher may read is next */
+    bool kicked;            /* the watcher was asked to let go */
+    int kick_fd;            /* readable: the watcher lets go */
+    pthread_cond_t watch_cond;
+    int64_t last_call_ns;   /* when a call last ended */
+    int waiters;            /* callers waiting for answers */
+
     /* The reading role's alone. */
+    int64_t lead_deadline_ns; /* a caller's: its reads end then (0: none) */
+    bool watching;            /* the watcher's: it lets go when kicked or calls wait */
     answer_t answers[ANSWERS_MAX];
     int nanswers;
     size_t answer_bytes;
@@ -377,9 +397,10 @@ static void fail_calls(rpc_conn_t *c, int code, const char *msg)
         p->done = true;
         p->code = c->fail_code;
         snprintf(p->msg, sizeof p->msg, "%s", c->fail_msg);
-        pthread_cond_signal(&p->cond);
+        pthread_cond_signal(p->cond);
     }
     c->pending = NULL;
+    pthread_cond_broadcast(&c->watch_cond);
     pconn__mutex_unlock(&c->lock);
 }
 
@@ -414,8 +435,14 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 /* ---- reading ------------------------------------------------------------------- */
 
 
+/* What the reading role's waits say besides pconn codes: a leading caller's deadline
+ * passed; the watcher was kicked; a frame a caller may not read is next; the watcher
+ * lets go, as callers wait. */
+enum { RD_DEADLINE = -100, RD_KICKED = -101, RD_BIG = -102, RD_YIELD = -103 };
+
 /* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
- * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout). */
+ * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout), RD_DEADLINE (a leading
+ * caller's deadline), RD_KICKED (the watcher's kick fd). */
 static int wait_readable(rpc_conn_t *c)
 {
     for (;;) {
@@ -441,11 +468,21 @@ static int wait_readable(rpc_conn_t *c)
                 c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
             }
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
+            if (c->lead_deadline_ns != 0) {
+                if (now >= c->lead_deadline_ns)
+                    return RD_DEADLINE;
+                if (c->lead_deadline_ns < until)
+                    until = c->lead_deadline_ns;
+            }
         }
-        int cancel_fd = c->handshake_deadline_ns > 0 ? c->cancel_fd : -1;
+        int cancel_fd = c->handshake_deadline_ns > 0 ? c->cancel_fd : c->watching ? c->kick_fd : -1;
         struct pollfd pfd[2] = {{.fd = c->fd, .events = transport_wants(c, 0)},
                                 {.fd = cancel_fd, .events = POLLIN}};
         int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(until));
+        if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0 && c->handshake_deadline_ns == 0) {
+            pconn__wake_drain(cancel_fd);
+            return RD_KICKED;
+        }
         if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
             if (c->cancelled == NULL || c->cancelled())
                 return PCONN_ECLOSED;
@@ -456,6 +493,14 @@ static int wait_readable(rpc_conn_t *c)
         if (rc < 0 && errno != EINTR)
             return PCONN_EIO;
     }
+}
+
+/* The watcher saw its kick: the next caller that finds it reading kicks again. */
+static void kick_taken(rpc_conn_t *c)
+{
+    pconn__mutex_lock(&c->lock);
+    c->kicked = false;
+    pconn__mutex_unlock(&c->lock);
 }
 
 /* Reads exactly len bytes (through the read buffer). PCONN_OK, PCONN_EIO (end of
@@ -473,6 +518,10 @@ static int read_exact(rpc_conn_t *c, void *dst, size_t len, int *sys_errno)
             continue;
         }
         int rc = wait_readable(c);
+        if (rc == RD_KICKED) { /* the watcher finishes the frame it is in first */
+            kick_taken(c);
+            continue;
+        }
         if (rc != PCONN_OK)
             return rc;
         /* Large reads go straight to their destination. */
@@ -760,9 +809,18 @@ static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *bi
                 return pconn__rpc_decode(p, (size_t)n, m, why, why_size);
             }
             if (n == 0 || n > c->cfg.max || n > READ_BUF - 8) {
+                if (c->lead_deadline_ns != 0)
+                    return RD_BIG; /* may take longer than the caller has: the watcher's */
                 c->rpos += 8;
                 return big_frame(c, n, m, owned, big_len, head, head_len, why, why_size, sys_errno);
             }
+        }
+        if (c->watching) {
+            pconn__mutex_lock(&c->lock);
+            bool callers = c->waiters > 0;
+            pconn__mutex_unlock(&c->lock);
+            if (callers)
+                return RD_YIELD;
         }
         if (flush_answers(c) != WF_OK) {
             *sys_errno = errno;
@@ -774,6 +832,10 @@ static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *bi
             c->rlen = have;
         }
         int rc = wait_readable(c);
+        if (rc == RD_KICKED) {
+            kick_taken(c);
+            continue;
+        }
         if (rc != PCONN_OK)
             return rc;
         ssize_t r = raw_read(c, c->rbuf + c->rlen, READ_BUF - c->rlen);
@@ -958,7 +1020,7 @@ static void deliver(rpc_conn_t *c, const rpc_msg_t *m, uint8_t *owned)
             p->data_len = m->data_len;
             data = NULL;
         }
-        pthread_cond_signal(&p->cond);
+        pthread_cond_signal(p->cond);
         break;
     }
     pconn__mutex_unlock(&c->lock);
@@ -984,6 +1046,195 @@ static void refuse_big(rpc_conn_t *c, uint64_t big, const uint8_t *head, size_t 
 }
 
 static void *reader_main(void *arg);
+
+/* What the reading role does with a frame: */
+enum {
+    FRAME_GO_ON,
+    FRAME_END, /* the connection failed (fail() said why) */
+    FRAME_LEFT /* a server's reading thread lost the role while a handler ran: it has
+                * answered its query and must leave */
+};
+
+/* Takes next_frame()'s result rc, its frame and what goes with it. */
+static int handle_frame(rpc_conn_t *c, uint64_t me, int rc, rpc_msg_t *m, uint8_t *owned, uint64_t big,
+                        const uint8_t *head, size_t head_len, char *why, size_t why_size, int sys_errno)
+{
+    if (rc == PCONN_ETOOBIG) {
+        refuse_big(c, big, head, head_len);
+        return FRAME_END;
+    }
+    if (rc == PCONN_ETIMEDOUT) {
+        send_close(c, PCONN_ETIMEDOUT, "heartbeat timeout");
+        fail(c, PCONN_EIO, "nothing received for %lld ms: heartbeat timeout",
+             (long long)c->cfg.hb_timeout_ms);
+        return FRAME_END;
+    }
+    const char *tls_why = rc == PCONN_EIO ? pconn__tls_why(c->cfg.transport, c->session) : NULL;
+    if (tls_why != NULL) {
+        fail(c, PCONN_EIO, "connection lost: %s", tls_why);
+        return FRAME_END;
+    }
+    if (rc == PCONN_EIO) {
+        if (sys_errno != 0)
+            fail(c, PCONN_EIO, "connection lost: %s", strerror(sys_errno));
+        else
+            fail(c, PCONN_EIO, "connection closed by peer");
+        return FRAME_END;
+    }
+    if (rc == PCONN_OK && m->type == RPC_HELLO) {
+        snprintf(why, why_size, "HELLO after the handshake");
+        rc = PCONN_EPROTO;
+    }
+    if (rc != PCONN_OK) {
+        free(owned);
+        if (rc == PCONN_ENOMEM)
+            snprintf(why, why_size, "out of memory");
+        send_close(c, PCONN_EPROTO, why);
+        fail(c, PCONN_EIO, "protocol error: %s", why);
+        return FRAME_END;
+    }
+    if (m->type == RPC_QUERY)
+        return serve_query(c, me, m, owned) ? FRAME_GO_ON : FRAME_LEFT;
+    if (m->type == RPC_RESPONSE) {
+        deliver(c, m, owned);
+        return FRAME_GO_ON;
+    }
+    if (m->type == RPC_CLOSE) {
+        fail(c, PCONN_EIO, "closed by peer: %.*s", (int)(m->data_len < 200 ? m->data_len : 200),
+             (const char *)m->data);
+        free(owned);
+        return FRAME_END;
+    }
+    free(owned); /* HEARTBEAT: its arrival was all */
+    return FRAME_GO_ON;
+}
+
+/* The next frame and what the role does with it; RD_* codes come back as they are. */
+static int read_one(rpc_conn_t *c, uint64_t me)
+{
+    rpc_msg_t m;
+    uint8_t *owned = NULL, head[9];
+    size_t head_len = 0;
+    uint64_t big = 0;
+    int sys_errno = 0;
+    char why[128] = "";
+    int rc = next_frame(c, &m, &owned, &big, head, &head_len, why, sizeof why, &sys_errno);
+    if (rc <= RD_DEADLINE && rc >= RD_YIELD)
+        return rc;
+    return handle_frame(c, me, rc, &m, owned, big, head, head_len, why, sizeof why, sys_errno);
+}
+
+/* The end of the connection's reading thread, as the connection ends (a client's
+ * watcher may end while a caller still reads: it touches no reading state). */
+static void reader_exit(rpc_conn_t *c)
+{
+    atomic_store(&c->reader_done, true);
+    if (c->on_reader_exit != NULL)
+        c->on_reader_exit(c->exit_arg);
+    /* The reader's reference goes last: to a closer waiting for it, or dropped here
+     * (then maybe the last: rpc_destroy runs on this thread). */
+    pconn__mutex_lock(&c->lock);
+    c->reader_out = true;
+    bool handed = c->close_waiters > 0;
+    c->reader_ref_handed = handed;
+    pthread_cond_broadcast(&c->reader_cond);
+    pconn__mutex_unlock(&c->lock);
+    if (!handed)
+        pconn_conn_unref(c->conn);
+}
+
+/* ---- client: leader/follower --------------------------------------------------- */
+
+#define WATCH_IDLE_MS 20
+
+/* With the role free: asks one waiting caller to take it. */
+static void elect_locked(rpc_conn_t *c)
+{
+    if (c->role != ROLE_NONE || c->watcher_wanted || c->waiters == 0)
+        return;
+    for (pending_t *p = c->pending; p != NULL; p = p->next) {
+        if (p->waiting) {
+            pthread_cond_signal(p->cond);
+            return;
+        }
+    }
+}
+
+/* The client's watcher thread: reads while no caller waits for an answer (after
+ * WATCH_IDLE_MS without calls, or when a frame is too large for a caller), lets go when
+ * one does. */
+static void *watch_main(void *arg)
+{
+    rpc_conn_t *c = arg;
+    pconn__mutex_lock(&c->lock);
+    while (!c->failed) {
+        int64_t now = pconn__mono_ns();
+        int64_t idle_at = c->last_call_ns + (int64_t)WATCH_IDLE_MS * 1000000;
+        bool quiet = c->waiters == 0 && now >= idle_at;
+        if (c->role == ROLE_NONE && (c->watcher_wanted || quiet)) {
+            c->role = ROLE_WATCHER;
+            c->watcher_wanted = false;
+            c->kicked = false;
+            pconn__mutex_unlock(&c->lock);
+            c->watching = true;
+            int a;
+            while ((a = read_one(c, 0)) == FRAME_GO_ON)
+                ;
+            c->watching = false;
+            pconn__mutex_lock(&c->lock);
+            c->role = ROLE_NONE;
+            c->kicked = false;
+            pconn__wake_drain(c->kick_fd);
+            elect_locked(c);
+            if (a == FRAME_END)
+                break;
+            continue;
+        }
+        int64_t until = c->waiters == 0 && c->role == ROLE_NONE && idle_at > now
+                            ? idle_at : now + (int64_t)WATCH_IDLE_MS * 1000000;
+        pconn__cond_wait_until(&c->watch_cond, &c->lock, until);
+    }
+    pconn__mutex_unlock(&c->lock);
+    reader_exit(c);
+    return NULL;
+}
+
+/* A whole frame that fits is in the read buffer: reading it needs no wait. */
+static bool frame_buffered(const rpc_conn_t *c)
+{
+    size_t have = c->rlen - c->rpos;
+    if (have < 8)
+        return false;
+    uint64_t n = pconn__get_u64(c->rbuf + c->rpos);
+    return n > 0 && n <= c->cfg.max && n <= have - 8;
+}
+
+static bool batch_done_locked(const pending_t *ps, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ps[i].id != 0 && !ps[i].done)
+            return false;
+    return true;
+}
+
+/* A caller reads for everyone until the answers of its batch ps[0..n) are in (0), its
+ * deadline passes (RD_DEADLINE), a frame only the watcher may read is next (RD_BIG),
+ * or the connection ends (FRAME_END). */
+static int lead(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline)
+{
+    c->lead_deadline_ns = deadline == INT64_MAX ? 0 : deadline;
+    int a = FRAME_GO_ON;
+    for (;;) {
+        pconn__mutex_lock(&c->lock);
+        bool done = batch_done_locked(ps, n);
+        pconn__mutex_unlock(&c->lock);
+        /* Done, it still hands out the answers already read: no one wakes to do it. */
+        if ((done && !frame_buffered(c)) || (a = read_one(c, 0)) != FRAME_GO_ON)
+            break;
+    }
+    c->lead_deadline_ns = 0;
+    return a;
+}
 
 bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
 {
@@ -1046,83 +1297,20 @@ static void *reader_main(void *arg)
     pconn__mutex_lock(&c->role_lock);
     uint64_t me = c->role_gen;
     pconn__mutex_unlock(&c->role_lock);
-    for (;;) {
-        rpc_msg_t m;
-        uint8_t *owned = NULL, head[9];
-        size_t head_len = 0;
-        uint64_t big = 0;
-        int sys_errno = 0;
-        char why[128] = "";
-        int rc = next_frame(c, &m, &owned, &big, head, &head_len, why, sizeof why, &sys_errno);
-        if (rc == PCONN_ETOOBIG) {
-            refuse_big(c, big, head, head_len);
-            break;
-        }
-        if (rc == PCONN_ETIMEDOUT) {
-            send_close(c, PCONN_ETIMEDOUT, "heartbeat timeout");
-            fail(c, PCONN_EIO, "nothing received for %lld ms: heartbeat timeout",
-                 (long long)c->cfg.hb_timeout_ms);
-            break;
-        }
-        const char *tls_why = rc == PCONN_EIO ? pconn__tls_why(c->cfg.transport, c->session) : NULL;
-        if (tls_why != NULL) {
-            fail(c, PCONN_EIO, "connection lost: %s", tls_why);
-            break;
-        }
-        if (rc == PCONN_EIO) {
-            if (sys_errno != 0)
-                fail(c, PCONN_EIO, "connection lost: %s", strerror(sys_errno));
-            else
-                fail(c, PCONN_EIO, "connection closed by peer");
-            break;
-        }
-        if (rc == PCONN_OK && m.type == RPC_HELLO) {
-            snprintf(why, sizeof why, "HELLO after the handshake");
-            rc = PCONN_EPROTO;
-        }
-        if (rc != PCONN_OK) {
-            free(owned);
-            if (rc == PCONN_ENOMEM)
-                snprintf(why, sizeof why, "out of memory");
-            send_close(c, PCONN_EPROTO, why);
-            fail(c, PCONN_EIO, "protocol error: %s", why);
-            break;
-        }
-        if (m.type == RPC_QUERY) {
-            if (!serve_query(c, me, &m, owned)) {
-                /* The role went on without this thread: it leaves with its reference. */
-                void (*on_exit)(void *) = c->on_reader_exit;
-                void *exit_arg = c->exit_arg;
-                pconn_conn_unref(c->conn);
-                if (on_exit != NULL)
-                    on_exit(exit_arg);
-                return NULL;
-            }
-        } else if (m.type == RPC_RESPONSE) {
-            deliver(c, &m, owned);
-        } else if (m.type == RPC_CLOSE) {
-            fail(c, PCONN_EIO, "closed by peer: %.*s", (int)(m.data_len < 200 ? m.data_len : 200),
-                 (const char *)m.data);
-            free(owned);
-            break;
-        } else {
-            free(owned); /* HEARTBEAT: its arrival was all */
-        }
+    int a;
+    while ((a = read_one(c, me)) == FRAME_GO_ON)
+        ;
+    if (a == FRAME_LEFT) {
+        /* The role went on without this thread: it leaves with its reference. */
+        void (*on_exit)(void *) = c->on_reader_exit;
+        void *exit_arg = c->exit_arg;
+        pconn_conn_unref(c->conn);
+        if (on_exit != NULL)
+            on_exit(exit_arg);
+        return NULL;
     }
     free_answers(c); /* the connection failed: they cannot go out */
-    atomic_store(&c->reader_done, true);
-    if (c->on_reader_exit != NULL)
-        c->on_reader_exit(c->exit_arg);
-    /* The reader's reference goes last: to a closer waiting for it, or dropped here
-     * (then maybe the last: rpc_destroy runs on this thread). */
-    pconn__mutex_lock(&c->lock);
-    c->reader_out = true;
-    bool handed = c->close_waiters > 0;
-    c->reader_ref_handed = handed;
-    pthread_cond_broadcast(&c->reader_cond);
-    pconn__mutex_unlock(&c->lock);
-    if (!handed)
-        pconn_conn_unref(c->conn);
+    reader_exit(c);
     return NULL;
 }
 
@@ -1181,6 +1369,9 @@ static void rpc_destroy(void *impl)
         pthread_join(c->reader, NULL);
     pthread_cond_destroy(&c->reader_cond);
     pthread_mutex_destroy(&c->role_lock);
+    pthread_cond_destroy(&c->watch_cond);
+    if (c->kick_fd >= 0)
+        close(c->kick_fd);
     pconn__rpc_pool_unref(c->cfg.pool);
     pconn_rpc_impls_free(c->cfg.impls); /* the connection's reference */
     pconn__rpc_stats_unref(c->cfg.stats);
@@ -1285,6 +1476,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         return PCONN_ENOMEM;
     }
     c->fd = fd;
+    c->kick_fd = -1;
     c->rbuf = rbuf;
     c->cfg = *cfg;
     pconn__rpc_pool_ref(c->cfg.pool);   /* all live as long as the connection: its */
@@ -1298,6 +1490,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->reader_cond, NULL);
     pthread_mutex_init(&c->role_lock, NULL);
+    pconn__cond_init(&c->watch_cond);
     atomic_init(&c->inline_since_ns, 0);
     c->reader_count = cfg->reader_count;
     c->conn = pconn_conn_new(&rpc_ops, c);
@@ -1331,8 +1524,10 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         if (c->cfg.opener_reads) {
             c->reader = pthread_self();
             c->reader_started = c->reader_detached = true;
-        } else {
+        } else if (c->cfg.server) {
             c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
+        } else if ((c->kick_fd = pconn__wake_fd_new()) >= 0) {
+            c->reader_started = pconn__thread_start(&c->reader, watch_main, c, READER_STACK, false) == 0;
         }
         if (!c->reader_started) {
             pconn_conn_unref(c->conn);
@@ -1429,8 +1624,8 @@ static int check_call(const rpc_conn_t *c, pconn_rpc_call_t *call)
 }
 
 static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
-                           int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
-                           int64_t deadline);
+                           int64_t timeout_ms, pending_t *ps, pthread_cond_t *cond,
+                           struct iovec *iov, int iovcnt, int64_t deadline);
 
 /* Sends every valid call of calls[0..n) in one write where they fit, then waits for all
  * their answers until the shared deadline. ps and heads have room for n. */
@@ -1464,10 +1659,12 @@ static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
         return;
     }
     int iovcnt = 0;
+    pthread_cond_t cond; /* the batch's */
+    pconn__cond_init(&cond);
     for (size_t i = 0; i < n; i++) {
         if (ps[i].id == 0)
             continue;
-        pconn__cond_init(&ps[i].cond);
+        ps[i].cond = &cond;
         ps[i].id = ++c->next_id;
         ps[i].next = c->pending;
         c->pending = &ps[i];
@@ -1493,7 +1690,8 @@ static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
         atomic_fetch_add(&st->in_flight, live);
         atomic_fetch_add(&st->bytes_out, out);
     }
-    run_calls_wait(c, calls, n, timeout_ms, ps, iov, iovcnt, deadline);
+    run_calls_wait(c, calls, n, timeout_ms, ps, &cond, iov, iovcnt, deadline);
+    pthread_cond_destroy(&cond);
     if (st != NULL) {
         int64_t us = (pconn__mono_ns() - t0) / 1000;
         int bucket = 0;
@@ -1516,8 +1714,8 @@ static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
 
 /* The sending and waiting half of run_calls(). */
 static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
-                           int64_t timeout_ms, pending_t *ps, struct iovec *iov, int iovcnt,
-                           int64_t deadline)
+                           int64_t timeout_ms, pending_t *ps, pthread_cond_t *cond,
+                           struct iovec *iov, int iovcnt, int64_t deadline)
 {
     int wrc = write_frames(c, iov, iovcnt, deadline);
     if (wrc == WF_TIMEOUT || wrc == WF_TIMEOUT_MIDFRAME) {
@@ -1531,7 +1729,6 @@ static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
         for (size_t i = 0; i < n; i++) {
             if (ps[i].id == 0)
                 continue;
-            pthread_cond_destroy(&ps[i].cond);
             calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
                                           "rpc %s: %s version %d: could not send within %lld ms%s",
                                           c->address, calls[i].name, calls[i].version,
@@ -1543,25 +1740,50 @@ static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
     if (wrc != WF_OK) /* closed before these calls and the others wake (defect 10) */
         fail(c, PCONN_EIO, "connection lost while sending: %s", strerror(errno));
 
+    /* Wait, or read for everyone (a client, while no one else reads). */
     pconn__mutex_lock(&c->lock);
-    for (size_t i = 0; i < n; i++) {
-        if (ps[i].id == 0)
+    for (size_t i = 0; i < n; i++)
+        ps[i].waiting = ps[i].id != 0;
+    c->waiters++;
+    bool can_lead = !c->cfg.server;
+    while (!batch_done_locked(ps, n)) {
+        if (can_lead && c->role == ROLE_NONE && !c->watcher_wanted && !c->failed) {
+            c->role = ROLE_CALLER;
+            pconn__mutex_unlock(&c->lock);
+            int a = lead(c, ps, n, deadline);
+            pconn__mutex_lock(&c->lock);
+            c->role = ROLE_NONE;
+            if (a == RD_BIG) {
+                c->watcher_wanted = true;
+                pthread_cond_signal(&c->watch_cond);
+            }
+            if (a == RD_DEADLINE)
+                break;
             continue;
-        bool timed_out = false;
-        while (!ps[i].done && !timed_out)
-            timed_out = pconn__cond_wait_until(&ps[i].cond, &c->lock, deadline) != 0 && !ps[i].done;
-        if (timed_out) {
-            unlink_pending(c, &ps[i]);
-            calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
-                                          "rpc %s: %s version %d: no answer within %lld ms", c->address,
-                                          calls[i].name, calls[i].version, (long long)timeout_ms);
         }
+        if (can_lead && c->role == ROLE_WATCHER && !c->kicked) {
+            c->kicked = true;
+            pconn__wake(c->kick_fd);
+        }
+        if (pconn__cond_wait_until(cond, &c->lock, deadline) != 0)
+            break;
     }
+    c->waiters--;
+    for (size_t i = 0; i < n; i++) {
+        ps[i].waiting = false;
+        if (ps[i].id == 0 || ps[i].done)
+            continue;
+        unlink_pending(c, &ps[i]);
+        calls[i].status = local_error(&calls[i].err, PCONN_ETIMEDOUT,
+                                      "rpc %s: %s version %d: no answer within %lld ms", c->address,
+                                      calls[i].name, calls[i].version, (long long)timeout_ms);
+    }
+    c->last_call_ns = pconn__mono_ns();
+    elect_locked(c);
     pconn__mutex_unlock(&c->lock);
     for (size_t i = 0; i < n; i++) {
         if (ps[i].id == 0)
             continue;
-        pthread_cond_destroy(&ps[i].cond);
         if (ps[i].done)
             finish_call(&calls[i], &ps[i]);
     }

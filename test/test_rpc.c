@@ -1676,6 +1676,134 @@ static void deaf(raw_peer_t *p, int fd)
  * but never reads, a 32 MiB request with a 300 ms timeout fails with PCONN_ETIMEDOUT
  * and says so. Before: it blocked until TCP_USER_TIMEOUT (30 s) and failed with
  * "connection closed by peer". */
+/* Reads one QUERY frame and its id; false at the end of the stream or on another frame. */
+static bool recv_query_id(int fd, uint64_t *id)
+{
+    unsigned char len8[8];
+    if (recv(fd, len8, 8, MSG_WAITALL) != 8)
+        return false;
+    uint64_t n = 0;
+    for (int i = 0; i < 8; i++)
+        n = n << 8 | len8[i];
+    if (n < 9 || n > 4096)
+        return false;
+    unsigned char p[4096];
+    if (recv(fd, p, n, MSG_WAITALL) != (ssize_t)n || p[0] != 3)
+        return false;
+    *id = 0;
+    for (int i = 1; i < 9; i++)
+        *id = *id << 8 | p[i];
+    return true;
+}
+
+/* A RESPONSE frame with status 0 and data; its length. */
+static size_t response_frame(unsigned char *f, uint64_t id, const char *data)
+{
+    size_t dlen = strlen(data), n = 1 + 8 + 4 + dlen;
+    for (int i = 0; i < 8; i++)
+        f[i] = (unsigned char)(n >> (56 - 8 * i));
+    f[8] = 4;
+    for (int i = 0; i < 8; i++)
+        f[9 + i] = (unsigned char)(id >> (56 - 8 * i));
+    memset(f + 17, 0, 4);
+    memcpy(f + 21, data, dlen);
+    return 8 + n;
+}
+
+/* Answers the first call with the first 10 bytes of its answer, and the rest only after
+ * the second call came (its caller gave up in between), then the second's answer. */
+static void half_answer(raw_peer_t *p, int fd)
+{
+    (void)p;
+    uint64_t id1, id2;
+    unsigned char f1[64], f2[64];
+    if (!recv_query_id(fd, &id1))
+        return;
+    size_t n1 = response_frame(f1, id1, "late");
+    send(fd, f1, 10, MSG_NOSIGNAL);
+    if (!recv_query_id(fd, &id2))
+        return;
+    size_t n2 = response_frame(f2, id2, "second");
+    send(fd, f1 + 10, n1 - 10, MSG_NOSIGNAL);
+    send(fd, f2, n2, MSG_NOSIGNAL);
+    char sink[64];
+    while (recv(fd, sink, sizeof sink, 0) > 0)
+        ;
+}
+
+/* A caller reading for everyone (leader/follower) whose deadline passes in the middle
+ * of a frame leaves with PCONN_ETIMEDOUT, and the stream stays whole: the next call
+ * finds the rest of that frame and its own answer after it. */
+static void test_leader_leaves_mid_frame(void)
+{
+    raw_peer_t d;
+    raw_peer_start(&d, half_answer);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {d.address};
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "first", 1, "a", 1, &resp, 200, &err), PCONN_ETIMEDOUT);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "first version 1: no answer within 200 ms"));
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "second", 1, "b", 1, &resp, WAIT_MS, &err), PCONN_OK);
+    CU_ASSERT(resp.len == 6 && memcmp(resp.data, "second", 6) == 0);
+    pconn_buf_free(&resp);
+    CU_ASSERT_FALSE(pconn_conn_is_closed(conn));
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    raw_peer_stop(&d);
+    rec_destroy(&rec);
+}
+
+typedef struct mixed_t {
+    pthread_t thread;
+    pconn_conn_t *conn;
+    int bad;
+} mixed_t;
+
+/* Calls with answers smaller and larger than the read buffer, each checked. */
+static void *mixed_main(void *arg)
+{
+    mixed_t *m = arg;
+    static const size_t sizes[] = {1, 70000, 5, 1 << 20, 65536 - 21, 65536 - 20, 300};
+    for (int round = 0; round < 3; round++) {
+        for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+            char text[32];
+            int len = snprintf(text, sizeof text, "%zu", sizes[k]);
+            pconn_buf_t resp;
+            if (pconn_rpc_call(m->conn, "bytes", 1, text, (size_t)len, &resp, WAIT_MS, NULL) != PCONN_OK ||
+                resp.len != sizes[k])
+                m->bad++;
+            pconn_buf_free(&resp);
+        }
+    }
+    return NULL;
+}
+
+/* Many callers on one connection, answers of every size at once: whoever reads (a
+ * caller, or the watcher for frames over the read buffer) keeps the stream whole. */
+static void test_mixed_sizes_many_threads(void)
+{
+    fixture_t f;
+    setup(&f);
+    mixed_t m[8];
+    for (int i = 0; i < 8; i++) {
+        m[i] = (mixed_t){.conn = f.conn};
+        pthread_create(&m[i].thread, NULL, mixed_main, &m[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        pthread_join(m[i].thread, NULL);
+        CU_ASSERT_EQUAL(m[i].bad, 0);
+    }
+    CU_ASSERT_FALSE(pconn_conn_is_closed(f.conn));
+    teardown(&f);
+}
+
 static void test_call_timeout_covers_sending(void)
 {
     pconn_error_t err;
@@ -1926,6 +2054,8 @@ static const test_def_t tests[] = {
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
     {"call_timeout_covers_sending", test_call_timeout_covers_sending},
+    {"leader_leaves_mid_frame", test_leader_leaves_mid_frame},
+    {"mixed_sizes_many_threads", test_mixed_sizes_many_threads},
     {"call_many_one_write", test_call_many_one_write},
     {"call_many_outcomes", test_call_many_outcomes},
     {"stats_json_and_server_log", test_stats_json_and_server_log},
