@@ -117,7 +117,7 @@ $(B)/samples/%: $(B)/samples/%.o $(B)/libpconn.a
 $(B)/bench/%: $(B)/test/bench/%.o $(TEST_COMMON) $(B)/libpconn.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK    $@"
-	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit -lzmq -lm
+	$(Q)$(CC) -o $@ $^ $(LDFLAGS) $(DEPLIBS) -lcunit -lzmq -lnng -lm
 
 $(B)/samples/redis_counter: LDFLAGS += -lhiredis
 

@@ -696,7 +696,7 @@ static int cmd_rpc_serve(int argc, char **argv)
     pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
     pconn_rpc_impls_add(impls, "echo", 1, rpc_echo, NULL);
     pconn_rpc_impls_add(impls, "name", 1, rpc_name, (void *)a.name);
-    pconn_rpc_impls_add(impls, "sleep", 1, rpc_sleep, NULL);
+    pconn_rpc_impls_add_blocking(impls, "sleep", 1, rpc_sleep, NULL); /* it waits */
     pconn_rpc_server_options_t so = {.listen_address = a.pos[0], .implementations = impls};
     pconn_rpc_server_t *srv = NULL;
     pconn_error_t err;
