@@ -129,8 +129,6 @@ typedef struct rpc_config_t {
     /* Server, called with the exit_arg: +1, a new reading thread is about to start
      * (false: don't); -1, it could not start after all. */
     bool (*reader_count)(void *arg, int delta);
-    bool opener_reads; /* server: the thread that opens a connection goes on as its reader
-                        * (pconn__rpc_conn_read), one thread creation fewer */
 } rpc_config_t;
 
 /* Calls cfg->on_log, if set, with a formatted line. */
@@ -156,8 +154,9 @@ PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_con
 PCONN_HIDDEN bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns);
 /* Server: since when the handler running on conn's reading thread runs, or 0. */
 PCONN_HIDDEN int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn);
-/* With cfg->opener_reads: runs the reader of a connection just opened on this thread,
- * until the connection ends. Once, right after pconn__rpc_conn_open(). */
+/* Server (cfg->server): the thread that opened the connection goes on as its reader,
+ * one thread creation fewer; runs until the connection ends. Once, right after
+ * pconn__rpc_conn_open(). */
 PCONN_HIDDEN void pconn__rpc_conn_read(pconn_conn_t *conn);
 /* True once the connection's reader has returned. */
 PCONN_HIDDEN bool pconn__rpc_conn_done(pconn_conn_t *conn);

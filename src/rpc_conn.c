@@ -78,8 +78,9 @@ typedef struct rpc_conn_t {
 
     pthread_t reader;
     bool reader_started;
-    bool reader_detached; /* the reader is the opener's thread (cfg.opener_reads) */
+    bool reader_detached; /* the reader is the opener's thread (a server's) */
     atomic_bool reader_done;
+    atomic_bool dead; /* failed or closed: set with failed, read without the lock */
     /* Guarded by lock: the reader's end, and the hand-over of its reference. */
     pthread_cond_t reader_cond;
     int close_waiters;
@@ -118,6 +119,7 @@ typedef struct rpc_conn_t {
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
 static _Thread_local rpc_conn_t *tl_inline; /* its handler runs on this reading thread */
+static _Thread_local rpc_conn_t *tl_reader; /* this thread is (or was) its reading thread */
 static _Thread_local const pconn_rpc_peer_t *tl_handler_peer;
 
 pconn_conn_t *pconn_rpc_handler_conn(void)
@@ -148,7 +150,6 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->on_log_arg = NULL;
     cfg->watch = NULL;
     cfg->reader_count = NULL;
-    cfg->opener_reads = false;
 }
 
 void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
@@ -393,6 +394,7 @@ static void fail_calls(rpc_conn_t *c, int code, const char *msg)
         c->fail_code = code;
         snprintf(c->fail_msg, sizeof c->fail_msg, "%s", msg);
     }
+    atomic_store(&c->dead, true);
     for (pending_t *p = c->pending; p != NULL; p = p->next) {
         p->done = true;
         p->code = c->fail_code;
@@ -422,6 +424,7 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
         c->fail_code = code;
         snprintf(c->fail_msg, sizeof c->fail_msg, "%s", msg);
     }
+    atomic_store(&c->dead, true);
     pconn__mutex_unlock(&c->lock);
     /* A peer that hangs up is ordinary; one that breaks the protocol or goes silent is
      * worth a line in the server's log. */
@@ -456,8 +459,14 @@ static int wait_readable(rpc_conn_t *c)
             until = c->handshake_deadline_ns;
         } else {
             int64_t dead_at = after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
-            if (now >= dead_at)
+            if (now >= dead_at) {
+                /* Bytes waiting unread are a sign of life that came while this thread
+                 * was busy (serving a batch): read them first. */
+                struct pollfd now_pfd = {.fd = c->fd, .events = POLLIN};
+                if (poll(&now_pfd, 1, 0) == 1 && (now_pfd.revents & POLLIN))
+                    return PCONN_OK;
                 return PCONN_ETIMEDOUT;
+            }
             if (now >= c->next_send_ns) {
                 /* Never waits: skipped while someone writes (those bytes reach the peer
                  * anyway) or while the socket is full (it would not be read either). */
@@ -800,6 +809,8 @@ static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *bi
 {
     *owned = NULL;
     for (;;) {
+        if (atomic_load(&c->dead)) /* failed or closed: what is still buffered is not served */
+            return PCONN_EIO;
         size_t have = c->rlen - c->rpos;
         if (have >= 8) {
             uint64_t n = pconn__get_u64(c->rbuf + c->rpos);
@@ -899,8 +910,11 @@ static void run_query(void *arg)
     job_t *j = arg;
     pconn_buf_t resp = {0};
     pconn_error_t err = {0};
-    int rc = call_handler(j->c, j->fn, j->harg, &j->m, &resp, &err);
-    handler_answer(j->c, false, j->m.id, rc, &resp, &err);
+    /* Queued before its connection ended: no one could get the answer. */
+    if (!atomic_load(&j->c->dead)) {
+        int rc = call_handler(j->c, j->fn, j->harg, &j->m, &resp, &err);
+        handler_answer(j->c, false, j->m.id, rc, &resp, &err);
+    }
     free(j->buf);
     pconn_conn_unref(j->c->conn);
     free(j);
@@ -968,13 +982,19 @@ static bool serve_query(rpc_conn_t *c, uint64_t me, const rpc_msg_t *m, uint8_t 
         free(owned);
         return true;
     }
-    if (c->cfg.watch == NULL || blocking) {
+    /* Inline while the batch read last is young: a batch of many short handlers must not
+     * hold up its last queries, the answers and the heartbeats for long either. */
+    int64_t now = pconn__mono_ns();
+    bool young = now - c->last_recv_ns < (int64_t)RPC_INLINE_SLOW_MS * 1000000;
+    if (c->cfg.watch == NULL || blocking || !young) {
+        if (!young)
+            flush_answers(c);
         dispatch_query(c, fn, harg, m, owned);
         return true;
     }
     uint8_t *mybuf = c->rbuf; /* m may point into it: it stays with this thread */
     watch_enter(c->cfg.watch);
-    atomic_store(&c->inline_since_ns, pconn__mono_ns());
+    atomic_store(&c->inline_since_ns, now);
     tl_inline = c;
     pconn_buf_t resp = {0};
     pconn_error_t err = {0};
@@ -1166,6 +1186,7 @@ static void elect_locked(rpc_conn_t *c)
 static void *watch_main(void *arg)
 {
     rpc_conn_t *c = arg;
+    tl_reader = c;
     pconn__mutex_lock(&c->lock);
     while (!c->failed) {
         int64_t now = pconn__mono_ns();
@@ -1196,6 +1217,7 @@ static void *watch_main(void *arg)
     }
     pconn__mutex_unlock(&c->lock);
     reader_exit(c);
+    tl_reader = NULL;
     return NULL;
 }
 
@@ -1294,6 +1316,7 @@ int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn)
 static void *reader_main(void *arg)
 {
     rpc_conn_t *c = arg;
+    tl_reader = c;
     pconn__mutex_lock(&c->role_lock);
     uint64_t me = c->role_gen;
     pconn__mutex_unlock(&c->role_lock);
@@ -1304,6 +1327,7 @@ static void *reader_main(void *arg)
         /* The role went on without this thread: it leaves with its reference. */
         void (*on_exit)(void *) = c->on_reader_exit;
         void *exit_arg = c->exit_arg;
+        tl_reader = NULL;
         pconn_conn_unref(c->conn);
         if (on_exit != NULL)
             on_exit(exit_arg);
@@ -1311,6 +1335,7 @@ static void *reader_main(void *arg)
     }
     free_answers(c); /* the connection failed: they cannot go out */
     reader_exit(c);
+    tl_reader = NULL;
     return NULL;
 }
 
@@ -1324,7 +1349,7 @@ static void *reader_main(void *arg)
 static void wait_reader_out(void *impl)
 {
     rpc_conn_t *c = impl;
-    if (!c->reader_started || pthread_equal(c->reader, pthread_self()))
+    if (!c->reader_started || tl_reader == c)
         return;
     pconn__mutex_lock(&c->lock);
     c->close_waiters++;
@@ -1363,7 +1388,7 @@ static void rpc_destroy(void *impl)
     shutdown(c->fd, SHUT_RDWR);
     if (c->reader_started && c->reader_detached)
         ; /* not ours to join: its owner's thread */
-    else if (c->reader_started && pthread_equal(c->reader, pthread_self()))
+    else if (c->reader_started && tl_reader == c) /* the last reference was its own */
         pthread_detach(c->reader);
     else if (c->reader_started)
         pthread_join(c->reader, NULL);
@@ -1486,6 +1511,7 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
     atomic_init(&c->reader_done, false);
+    atomic_init(&c->dead, false);
     pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->reader_cond, NULL);
@@ -1521,11 +1547,9 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         pconn_conn_ref(c->conn);
         c->last_recv_ns = pconn__mono_ns();
         c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
-        if (c->cfg.opener_reads) {
+        if (c->cfg.server) {
             c->reader = pthread_self();
             c->reader_started = c->reader_detached = true;
-        } else if (c->cfg.server) {
-            c->reader_started = pconn__thread_start(&c->reader, reader_main, c, READER_STACK, false) == 0;
         } else if ((c->kick_fd = pconn__wake_fd_new()) >= 0) {
             c->reader_started = pconn__thread_start(&c->reader, watch_main, c, READER_STACK, false) == 0;
         }
@@ -1637,8 +1661,16 @@ static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
     if (tl_inline == c) {
         /* A handler on the reading thread calls its peer back: the answer comes in on
          * this connection, so someone else must read it. */
+        if (!pconn__rpc_conn_handoff(c->conn, 0) && !atomic_load(&c->dead)) {
+            for (size_t i = 0; i < n; i++) {
+                calls[i].resp = (pconn_buf_t){0};
+                calls[i].status = local_error(&calls[i].err, PCONN_ENOMEM,
+                                              "rpc %s: no thread to read the answer (a handler on the "
+                                              "reading thread calls its peer)", c->address);
+            }
+            return;
+        }
         tl_inline = NULL;
-        pconn__rpc_conn_handoff(c->conn, 0);
     }
     size_t live = 0;
     for (size_t i = 0; i < n; i++) {

@@ -99,7 +99,11 @@ static bool reader_count(void *arg, int delta)
 {
     pconn_rpc_server_t *srv = arg;
     pconn__mutex_lock(&srv->mutex);
-    bool ok = delta < 0 || !srv->stopping;
+    /* Beyond one reader per connection, at most SERVER_POOL_MAX threads running slow
+     * handlers: past that, a slow handler keeps its connection's reading (back-pressure
+     * on that peer) instead of costing a thread per query. */
+    bool ok = delta < 0 ||
+              (!srv->stopping && srv->readers < srv->nconns + srv->greeters + SERVER_POOL_MAX);
     if (ok)
         srv->readers += delta;
     if (srv->readers == 0)
@@ -133,6 +137,14 @@ static void hand_off_slow(pconn_rpc_server_t *srv)
     }
 }
 
+/* A handshake ended: stop may go on, the acceptor may take the next peer. */
+static void greeter_done_locked(pconn_rpc_server_t *srv)
+{
+    srv->greeters--;
+    pthread_cond_broadcast(&srv->cond);
+    pconn__wake(srv->wake_fd);
+}
+
 /* Handshakes one accepted connection, keeps it, then goes on as its reader. */
 static void *greet_main(void *arg)
 {
@@ -150,7 +162,7 @@ static void *greet_main(void *arg)
     if (rc != PCONN_OK && rc != PCONN_ECLOSED)
         pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "peer %s rejected: %s", g->address, err.message);
     entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
-    pconn_conn_t *mine = conn;
+    bool kept = false;
     pconn__mutex_lock(&srv->mutex);
     if (rc != PCONN_OK)
         srv->readers--; /* no reader was started */
@@ -159,21 +171,27 @@ static void *greet_main(void *arg)
         e->next = srv->conns;
         srv->conns = e;
         srv->nconns++;
-        conn = NULL;
         e = NULL;
+        kept = true;
+        greeter_done_locked(srv);
     }
-    srv->greeters--;
-    pthread_cond_broadcast(&srv->cond);
-    pconn__wake(srv->wake_fd); /* the acceptor may be waiting for a free handshake slot */
     pconn__mutex_unlock(&srv->mutex);
     free(e);
     free(g);
-    if (conn != NULL) /* stopping, or no memory: the reader ends at once */
+    if (kept) {
+        pconn__rpc_conn_read(conn); /* until the connection ends; then conn may be gone */
+        return NULL;
+    }
+    if (rc == PCONN_OK) {
+        /* Stopping, or no memory: the connection goes before this greeter stops counting,
+         * so that stop does not return while it (and the user's transport) still live. */
         pconn_conn_close(conn);
-    if (mine != NULL)
-        pconn__rpc_conn_read(mine); /* until the connection ends; then mine may be gone */
-    if (conn != NULL)
+        pconn__rpc_conn_read(conn); /* ends at once: its reference, reader_exited */
         pconn__conn_release(conn);
+    }
+    pconn__mutex_lock(&srv->mutex);
+    greeter_done_locked(srv);
+    pconn__mutex_unlock(&srv->mutex);
     return NULL;
 }
 
@@ -346,7 +364,6 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->watch.wake_fd = srv->wake_fd;
     srv->cfg.watch = &srv->watch;
     srv->cfg.reader_count = reader_count;
-    srv->cfg.opener_reads = true;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL && srv->cfg.stats != NULL

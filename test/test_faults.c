@@ -527,8 +527,10 @@ static void *opener_main(void *arg)
 }
 
 /* A slow handler on a server's reading thread when no thread can be created: the
- * hand-over of the reading fails, the handler's thread keeps reading, and every query
- * is answered once it returns; nothing leaks (ASan). */
+ * hand-over of the reading fails, the handler's thread keeps reading and answers once
+ * the handler returns; the queries read with it, by then older than the 10 ms a batch
+ * runs on the reading thread, go to the pool, which has no thread either: answered at
+ * once with "no thread to run the handler". Nothing leaks (ASan). */
 static void test_no_thread_for_a_hand_over(void)
 {
     pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
@@ -550,14 +552,54 @@ static void test_no_thread_for_a_hand_over(void)
     pconn_rpc_call_t calls[3];
     for (int i = 0; i < 3; i++)
         calls[i] = (pconn_rpc_call_t){.name = "hold", .version = 1, .req = "abc", .req_len = (size_t)i + 1};
-    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 3, WAIT_MS), PCONN_OK);
+    CU_ASSERT_EQUAL(pconn_rpc_call_many(conn, calls, 3, WAIT_MS), PCONN_EREMOTE);
     atomic_store(&no_threads, false);
     pthread_join(opener, NULL);
-    for (int i = 0; i < 3; i++) {
-        CU_ASSERT_EQUAL(calls[i].status, PCONN_OK);
-        CU_ASSERT(calls[i].resp.len == (size_t)i + 1 && memcmp(calls[i].resp.data, "abc", (size_t)i + 1) == 0);
-        pconn_buf_free(&calls[i].resp);
+    CU_ASSERT_EQUAL(calls[0].status, PCONN_OK);
+    CU_ASSERT(calls[0].resp.len == 1 && memcmp(calls[0].resp.data, "a", 1) == 0);
+    for (int i = 1; i < 3; i++) {
+        CU_ASSERT_EQUAL(calls[i].status, PCONN_EREMOTE);
+        CU_ASSERT_STRING_EQUAL(calls[i].err.message, "no thread to run the handler");
     }
+    for (int i = 0; i < 3; i++)
+        pconn_buf_free(&calls[i].resp);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
+/* A server handler that calls its client back over its own connection. */
+static int h_call_back(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg;
+    int rc = pconn_rpc_call(pconn_rpc_handler_conn(), "back", 1, req, len, resp, WAIT_MS, err);
+    return rc;
+}
+
+/* Review finding: a handler on the server's reading thread that calls its peer back
+ * needs another thread to read the answer; when none can be created the call fails at
+ * once with PCONN_ENOMEM instead of waiting out its timeout with the answer unread. */
+static void test_no_thread_for_a_call_back(void)
+{
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "call_back", 1, h_call_back, NULL), PCONN_OK);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_rpc_options_t o = {.base = {.server_name = "cb", .resolver = pconn_resolver_static(&address, 1)}};
+    pconn_t *pc = NULL;
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    atomic_store(&no_threads, true);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    int rc = pconn_rpc_call(conn, "call_back", 1, "x", 1, &resp, WAIT_MS, &err);
+    atomic_store(&no_threads, false);
+    CU_ASSERT_EQUAL(rc, PCONN_EREMOTE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err.message, "no thread to read the answer"));
     pconn_conn_unref(conn);
     pconn_free(pc);
     pconn_rpc_server_stop(srv);
@@ -568,6 +610,7 @@ static const test_def_t tests[] = {
     {"no_thread_for_anything", test_no_thread_for_anything},
     {"no_handler_thread", test_no_handler_thread},
     {"no_thread_for_a_hand_over", test_no_thread_for_a_hand_over},
+    {"no_thread_for_a_call_back", test_no_thread_for_a_call_back},
     {"syscall_faults", test_syscall_faults},
     {"signals_without_restart", test_signals_without_restart},
     {NULL, NULL},
