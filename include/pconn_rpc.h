@@ -48,12 +48,16 @@ typedef struct pconn_rpc_impls_t pconn_rpc_impls_t;
  * returns.
  *
  * Where it runs. On a server, on the thread that reads the connection, and the answers
- * of the queries read together go out in one write: no hand-over per call. A handler
- * still running after 10 ms there, or one that calls its peer back with
- * pconn_rpc_call(), hands the reading to a new thread, so a slow handler holds up no
- * other query and no heartbeat for longer than that. A handler that waits as a rule (on
- * a disk, on another service) is better registered with pconn_rpc_impls_add_blocking():
- * it then runs on the server's handler pool at once. On the client side (a pconn's
+ * of the queries read together go out in one write: no hand-over per call. Queries of a
+ * batch still waiting 10 ms after it was read go to the server's handler pool instead;
+ * a handler still running after 10 ms on the reading thread, or one that calls its peer
+ * back with pconn_rpc_call(), hands the reading to a new thread (at most 256 such
+ * threads per server; past that the connection waits for its handler). So a slow
+ * handler holds up no other query and no heartbeat for much longer than 10 ms. A
+ * handler that calls its peer back when no thread can be started gets PCONN_ENOMEM at
+ * once ("no thread to read the answer"). A handler that waits as a rule (on a disk, on
+ * another service) is better registered with pconn_rpc_impls_add_blocking(): it then
+ * runs on the server's handler pool at once. On the client side (a pconn's
  * `implementations`) every handler runs on the pconn's handler pool.
  *
  * A handler may call anything, pconn_free() of its own pconn included (its pool then

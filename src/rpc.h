@@ -100,11 +100,14 @@ PCONN_HIDDEN rpc_stats_t *pconn__rpc_client_stats(void *connect_arg, pconn_conne
 /* ---- connections ---- */
 
 /* A server's watch over the handlers its connections run on their reading threads (see
- * rpc_conn.c): busy counts those running; the watchdog (the server's accepting thread)
- * sleeps without a timeout only while none is, and a reader that starts one while it
- * sleeps wakes it through wake_fd. */
+ * rpc_conn.c): busy counts those running that still hold their connection's reading
+ * (the ones the watchdog may have to hand off); running, all handlers running outside
+ * the pool (for the stats). The watchdog (the server's accepting thread) sleeps without
+ * a timeout only while busy is 0, and a reader that starts one while it sleeps wakes it
+ * through wake_fd. */
 typedef struct rpc_watch_t {
     atomic_int busy;
+    atomic_int running;
     atomic_bool sleeping;
     int wake_fd;
 } rpc_watch_t;
@@ -150,7 +153,7 @@ PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_con
                                       pconn_conn_t **out, pconn_error_t *err);
 /* Server: when the handler running on conn's reading thread is still the one that
  * started at since_ns, hands the reading role to a new thread (the old one answers its
- * query and ends). true if it did. */
+ * query and ends). true if it did; false also when conn is closed. */
 PCONN_HIDDEN bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns);
 /* Server: since when the handler running on conn's reading thread runs, or 0. */
 PCONN_HIDDEN int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn);

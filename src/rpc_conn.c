@@ -119,6 +119,7 @@ typedef struct rpc_conn_t {
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
 static _Thread_local rpc_conn_t *tl_inline; /* its handler runs on this reading thread */
+static _Thread_local uint64_t tl_inline_gen; /* as the holder of this role number */
 static _Thread_local rpc_conn_t *tl_reader; /* this thread is (or was) its reading thread */
 static _Thread_local const pconn_rpc_peer_t *tl_handler_peer;
 
@@ -994,18 +995,22 @@ static bool serve_query(rpc_conn_t *c, uint64_t me, const rpc_msg_t *m, uint8_t 
     }
     uint8_t *mybuf = c->rbuf; /* m may point into it: it stays with this thread */
     watch_enter(c->cfg.watch);
+    atomic_fetch_add(&c->cfg.watch->running, 1);
     atomic_store(&c->inline_since_ns, now);
     tl_inline = c;
+    tl_inline_gen = me;
     pconn_buf_t resp = {0};
     pconn_error_t err = {0};
     int rc = call_handler(c, fn, harg, m, &resp, &err);
     tl_inline = NULL;
     pconn__mutex_lock(&c->role_lock);
     bool mine = c->role_gen == me;
-    if (mine) /* else it is the new holder's to say */
+    if (mine) { /* else it is the new holder's to say, and the hand-over counted it out */
         atomic_store(&c->inline_since_ns, 0);
+        atomic_fetch_sub(&c->cfg.watch->busy, 1);
+    }
     pconn__mutex_unlock(&c->role_lock);
-    atomic_fetch_sub(&c->cfg.watch->busy, 1);
+    atomic_fetch_sub(&c->cfg.watch->running, 1);
     handler_answer(c, mine, m->id, rc, &resp, &err);
     free(owned);
     if (!mine)
@@ -1258,16 +1263,22 @@ static int lead(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline)
     return a;
 }
 
-bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
+/* What handoff() did. */
+enum { HANDED, NOT_HELD, NOT_HANDED };
+
+/* Hands the reading role on when the handler on the reading thread still is the one
+ * that started at since_ns (the watchdog's view), or (since_ns 0) when the role still is
+ * number gen (a handler's own call back). */
+static int handoff(rpc_conn_t *c, int64_t since_ns, uint64_t gen)
 {
-    rpc_conn_t *c = pconn_conn_impl(conn);
     uint8_t *nb = malloc(READ_BUF);
     if (nb == NULL)
-        return false;
+        return NOT_HANDED;
     pconn__mutex_lock(&c->role_lock);
     int64_t now_since = atomic_load(&c->inline_since_ns);
+    bool held = now_since != 0 && (since_ns != 0 ? now_since == since_ns : c->role_gen == gen);
     pconn__mutex_lock(&c->lock);
-    bool ok = now_since != 0 && (since_ns == 0 || now_since == since_ns) && !c->failed;
+    bool ok = held && !c->failed;
     pconn__mutex_unlock(&c->lock);
     if (ok && c->reader_count != NULL && !c->reader_count(c->exit_arg, 1))
         ok = false;
@@ -1281,6 +1292,7 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
         c->rlen = rlen - rpos;
         c->role_gen++;
         atomic_store(&c->inline_since_ns, 0); /* the new holder runs no handler yet */
+        atomic_fetch_sub(&c->cfg.watch->busy, 1); /* nothing more to hand off there */
         pconn_conn_ref(c->conn); /* the new thread's; never the first: the old one holds one */
         pthread_t t;
         /* The default stack, as handlers run on it. */
@@ -1289,6 +1301,7 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
         } else {
             c->role_gen--;
             atomic_store(&c->inline_since_ns, now_since);
+            atomic_fetch_add(&c->cfg.watch->busy, 1);
             c->rbuf = old;
             c->rpos = rpos;
             c->rlen = rlen;
@@ -1300,7 +1313,12 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
     }
     pconn__mutex_unlock(&c->role_lock);
     free(nb);
-    return ok;
+    return ok ? HANDED : held ? NOT_HANDED : NOT_HELD;
+}
+
+bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
+{
+    return handoff(pconn_conn_impl(conn), since_ns, 0) == HANDED;
 }
 
 void pconn__rpc_conn_read(pconn_conn_t *conn)
@@ -1661,7 +1679,7 @@ static void run_calls(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
     if (tl_inline == c) {
         /* A handler on the reading thread calls its peer back: the answer comes in on
          * this connection, so someone else must read it. */
-        if (!pconn__rpc_conn_handoff(c->conn, 0) && !atomic_load(&c->dead)) {
+        if (handoff(c, 0, tl_inline_gen) == NOT_HANDED && !atomic_load(&c->dead)) {
             for (size_t i = 0; i < n; i++) {
                 calls[i].resp = (pconn_buf_t){0};
                 calls[i].status = local_error(&calls[i].err, PCONN_ENOMEM,

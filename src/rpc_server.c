@@ -116,25 +116,28 @@ static bool reader_count(void *arg, int delta)
  * hands the reading role on (a few connections per tick). */
 static void hand_off_slow(pconn_rpc_server_t *srv)
 {
-    enum { AT_ONCE = 16 };
-    pconn_conn_t *slow[AT_ONCE];
-    int64_t since[AT_ONCE];
-    int n = 0;
+    typedef struct slow_t {
+        pconn_conn_t *conn;
+        int64_t since;
+    } slow_t;
     int64_t now = pconn__mono_ns();
     pconn__mutex_lock(&srv->mutex);
-    for (entry_t *e = srv->conns; e != NULL && n < AT_ONCE; e = e->next) {
+    /* Every one, as a refused hand-over leaves a connection slow tick after tick. */
+    slow_t *slow = malloc((size_t)(srv->nconns > 0 ? srv->nconns : 1) * sizeof *slow);
+    int n = 0;
+    for (entry_t *e = srv->conns; e != NULL && slow != NULL && n < srv->nconns; e = e->next) {
         int64_t t = pconn__rpc_conn_inline_since(e->conn);
-        if (t != 0 && now - t >= (int64_t)RPC_INLINE_SLOW_MS * 1000000) {
+        if (t != 0 && now - t >= (int64_t)RPC_INLINE_SLOW_MS * 1000000 && !pconn_conn_is_closed(e->conn)) {
             pconn_conn_ref(e->conn);
-            slow[n] = e->conn;
-            since[n++] = t;
+            slow[n++] = (slow_t){e->conn, t};
         }
     }
     pconn__mutex_unlock(&srv->mutex);
     for (int i = 0; i < n; i++) {
-        pconn__rpc_conn_handoff(slow[i], since[i]);
-        pconn_conn_unref(slow[i]);
+        pconn__rpc_conn_handoff(slow[i].conn, slow[i].since);
+        pconn_conn_unref(slow[i].conn);
     }
+    free(slow);
 }
 
 /* A handshake ended: stop may go on, the acceptor may take the next peer. */
@@ -360,6 +363,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->cfg.on_log_arg = opts->on_log_arg;
     srv->cfg.stats = pconn__rpc_stats_new();
     atomic_init(&srv->watch.busy, 0);
+    atomic_init(&srv->watch.running, 0);
     atomic_init(&srv->watch.sleeping, false);
     srv->watch.wake_fd = srv->wake_fd;
     srv->cfg.watch = &srv->watch;
@@ -414,6 +418,10 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     entry_t *all = srv->conns;
     srv->conns = NULL;
     pconn__mutex_unlock(&srv->mutex);
+    /* All closed first, then waited for: a connection waited for one after the other
+     * would go on serving its queries meanwhile. */
+    for (entry_t *e = all; e != NULL; e = e->next)
+        pconn_conn_close(e->conn);
     free_entries(all);
     /* Every connection is closed: their readers end; wait until none can call us. */
     pconn__mutex_lock(&srv->mutex);
@@ -440,7 +448,7 @@ char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv)
     pconn__mutex_unlock(&srv->mutex);
     json_t *o = json_pack("{s:s,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
                           "handshakes", greeters, "handlers_busy",
-                          pconn__rpc_pool_busy(srv->cfg.pool) + atomic_load(&srv->watch.busy));
+                          pconn__rpc_pool_busy(srv->cfg.pool) + atomic_load(&srv->watch.running));
     if (o == NULL)
         return NULL;
     pconn__rpc_stats_json(srv->cfg.stats, o);
