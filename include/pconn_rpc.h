@@ -181,7 +181,10 @@ int pconn_rpc_create(const pconn_rpc_options_t *opts, pconn_t **out);
  * over, the connection is closed too, as its stream is broken),
  * and the answer. On
  * PCONN_OK *resp holds the answer (free it with pconn_buf_free()); otherwise err (may
- * be NULL) says why. Any thread, any number at once. */
+ * be NULL) says why. Any thread, any number at once. Blocks up to timeout_ms
+ * (PCONN_FOREVER: until the answer or the connection's end); while it waits the calling
+ * thread may read the connection for the other callers too (leader/follower), never
+ * past its own timeout. */
 int pconn_rpc_call(pconn_conn_t *conn, const char *name, int version, const void *req,
                    size_t req_len, pconn_buf_t *resp, int64_t timeout_ms, pconn_error_t *err);
 
@@ -240,8 +243,10 @@ typedef struct pconn_rpc_server_options_t {
 } pconn_rpc_server_options_t;
 
 /* Listens and serves: each connection is handshaken, kept alive by heartbeats, and its
- * queries dispatched to the handler pool. PCONN_OK with *out set, or an error with err
- * (may be NULL) filled: PCONN_EINVAL (bad options) or PCONN_EIO (cannot listen). */
+ * queries served (pconn_rpc_handler_fn says on which threads). Does not block: it binds
+ * and starts the accepting thread. PCONN_OK with *out set, or an error with err (may be
+ * NULL) filled: PCONN_EINVAL (bad options), PCONN_EIO (cannot listen) or PCONN_ENOMEM
+ * (no thread could be started). */
 int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_server_t **out,
                            pconn_error_t *err);
 
@@ -260,8 +265,8 @@ const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);
  *
  * Out of descriptors (EMFILE), the server stops accepting for 100 ms at a time (or until
  * a connection ends) instead of spinning; the peers wait in the listen backlog. At most
- * 64 handshakes run at once, each on a thread of its own; more peers wait in the
- * backlog. */
+ * 64 handshakes run at once, each on a thread of its own that goes on as the
+ * connection's reading thread; more peers wait in the backlog. */
 void pconn_rpc_server_stop(pconn_rpc_server_t *srv);
 
 #ifdef __cplusplus
