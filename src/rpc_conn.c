@@ -152,6 +152,7 @@ typedef struct rpc_conn_t {
 
     /* The reading role's alone. */
     int64_t lead_deadline_ns; /* a caller's: its reads end then (0: none) */
+    bool lead_late_read;      /* the caller took its one read past the deadline */
     bool watching;            /* the watcher's: it lets go when kicked or calls wait */
     answer_t answers[ANSWERS_MAX];
     int nanswers;
@@ -526,8 +527,16 @@ static int wait_readable(rpc_conn_t *c)
             }
             until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
             if (c->lead_deadline_ns != 0) {
-                if (now >= c->lead_deadline_ns)
+                if (now >= c->lead_deadline_ns) {
+                    /* Past its deadline a caller still takes what has arrived, once: a
+                     * call with timeout 0 gets an answer that is already there. */
+                    struct pollfd late = {.fd = c->fd, .events = POLLIN};
+                    if (!c->lead_late_read && poll(&late, 1, 0) == 1 && (late.revents & POLLIN)) {
+                        c->lead_late_read = true;
+                        return PCONN_OK;
+                    }
                     return RD_DEADLINE;
+                }
                 if (c->lead_deadline_ns < until)
                     until = c->lead_deadline_ns;
             }
@@ -864,6 +873,10 @@ static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *bi
             uint64_t n = pconn__get_u64(c->rbuf + c->rpos);
             if (n > 0 && n <= c->cfg.max && n <= have - 8) {
                 const uint8_t *p = c->rbuf + c->rpos + 8;
+                /* The peer's queries are the watcher's too: answering one may have to
+                 * wait for the peer to read, longer than a caller has. */
+                if (c->lead_deadline_ns != 0 && p[0] == RPC_QUERY)
+                    return RD_BIG;
                 c->rpos += 8 + (size_t)n;
                 return pconn__rpc_decode(p, (size_t)n, m, why, why_size);
             }
@@ -874,16 +887,18 @@ static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *bi
                 return big_frame(c, n, m, owned, big_len, head, head_len, why, why_size, sys_errno);
             }
         }
+        /* A caller never waits to write answers (it has a deadline): the watcher does,
+         * before it lets go. */
+        if (c->lead_deadline_ns == 0 && flush_answers(c) != WF_OK) {
+            *sys_errno = errno;
+            return PCONN_EIO;
+        }
         if (c->watching) {
             pconn__mutex_lock(&c->lock);
             bool callers = c->waiters > 0;
             pconn__mutex_unlock(&c->lock);
             if (callers)
                 return RD_YIELD;
-        }
-        if (flush_answers(c) != WF_OK) {
-            *sys_errno = errno;
-            return PCONN_EIO;
         }
         if (c->rpos > 0) {
             memmove(c->rbuf, c->rbuf + c->rpos, have);
@@ -1299,9 +1314,10 @@ static bool batch_done_locked(const pending_t *ps, size_t n)
 /* A caller reads for everyone until the answers of its batch ps[0..n) are in (0), its
  * deadline passes (RD_DEADLINE), a frame only the watcher may read is next (RD_BIG),
  * or the connection ends (FRAME_END). */
-static int lead(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline)
+static int lead(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline, bool *answers_left)
 {
     c->lead_deadline_ns = deadline == INT64_MAX ? 0 : deadline;
+    c->lead_late_read = false;
     int a = FRAME_GO_ON;
     for (;;) {
         pconn__mutex_lock(&c->lock);
@@ -1312,6 +1328,7 @@ static int lead(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline)
             break;
     }
     c->lead_deadline_ns = 0;
+    *answers_left = c->nanswers > 0; /* answers to the peer's queries: the watcher sends them */
     return a;
 }
 
@@ -1463,6 +1480,7 @@ static void rpc_destroy(void *impl)
     else if (c->reader_started)
         pthread_join(c->reader, NULL);
     pthread_cond_destroy(&c->reader_cond);
+    free_answers(c); /* queued by a client's reading caller when the connection ended */
     pthread_mutex_destroy(&c->role_lock);
     pthread_cond_destroy(&c->watch_cond);
     if (c->kick_fd >= 0)
@@ -1851,10 +1869,11 @@ static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
         if (can_lead && c->role == ROLE_NONE && !c->watcher_wanted && !c->failed) {
             c->role = ROLE_CALLER;
             pconn__mutex_unlock(&c->lock);
-            int a = lead(c, ps, n, deadline);
+            bool answers_left = false;
+            int a = lead(c, ps, n, deadline, &answers_left);
             pconn__mutex_lock(&c->lock);
             c->role = ROLE_NONE;
-            if (a == RD_BIG) {
+            if (a == RD_BIG || (answers_left && !c->failed)) {
                 c->watcher_wanted = true;
                 pthread_cond_signal(&c->watch_cond);
             }
