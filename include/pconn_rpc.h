@@ -229,8 +229,10 @@ typedef struct pconn_rpc_server_options_t {
      * reference. With ca_file/ca_path in it, only clients whose certificate chains to
      * them get in, and a handler sees their subject and names. Not with transport. */
     struct pconn_tls_config_t *tls;
-    /* Optional: called (on the connection's handshake thread) once the peer is known
-     * (its address, and its identity from the transport), before the server's HELLO.
+    /* Optional: called once the peer is known (its address, and its identity from the
+     * transport), before the server's HELLO, on the server's accepting thread, which
+     * drives every handshake: it holds up the other handshakes while it runs, so it
+     * must not wait (and must not stop the server).
      * Return PCONN_OK to let it in; any other code refuses it: the peer's handshake
      * fails with "refused by the peer: not authorized: " and why->message. */
     int (*authorize)(const pconn_rpc_peer_t *peer, void *arg, pconn_error_t *why);
@@ -264,9 +266,10 @@ const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);
  * handshake timeout. NULL is ignored. Not from inside one of its own handlers.
  *
  * Out of descriptors (EMFILE), the server stops accepting for 100 ms at a time (or until
- * a connection ends) instead of spinning; the peers wait in the listen backlog. At most
- * 64 handshakes run at once, each on a thread of its own that goes on as the
- * connection's reading thread; more peers wait in the backlog. */
+ * a connection ends) instead of spinning; the peers wait in the listen backlog.
+ * Handshakes take no thread: the accepting thread drives all of them, each with its
+ * handshake_timeout_ms; a connection gets its reading thread once its handshake is
+ * done. */
 void pconn_rpc_server_stop(pconn_rpc_server_t *srv);
 
 #ifdef __cplusplus

@@ -141,26 +141,37 @@ PCONN_HIDDEN void pconn__rpc_log(const rpc_config_t *cfg, int level, const char 
 PCONN_HIDDEN void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
                                     const pconn_heartbeat_t *hb, const pconn_transport_t *transport);
 
-/* Makes an RPC connection of a connected fd (taken over: closed on failure too): the
- * transport session, the handshake before deadline_ns, then its reader thread. The
- * handshake also gives up (PCONN_ECLOSED) when cancel_fd (-1: none) turns readable and
- * cancelled() (NULL: always) says so. PCONN_OK with *out, or an error with err. When
- * on_reader_exit is set it is called (from the reader thread, as its last act) with
- * exit_arg. */
+/* Client: makes an RPC connection of a connected fd (taken over: closed on failure
+ * too): the transport session, the handshake before deadline_ns, then its watcher
+ * thread. The handshake also gives up (PCONN_ECLOSED) when cancel_fd (-1: none) turns
+ * readable and cancelled() (NULL: always) says so. PCONN_OK with *out, or an error with
+ * err. */
 PCONN_HIDDEN int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg,
                                       int64_t deadline_ns, int cancel_fd, bool (*cancelled)(void),
-                                      void (*on_reader_exit)(void *), void *exit_arg,
                                       pconn_conn_t **out, pconn_error_t *err);
+
+/* Server: one thread drives the handshakes of all accepted connections, none of which
+ * blocks it. pconn__rpc_conn_accept() makes the connection of an accepted fd (taken
+ * over) with its transport session, no I/O yet; pconn__rpc_conn_step() takes its
+ * handshake as far as it goes now: PCONN_OK when done, RPC_HS_AGAIN with *events (what
+ * to poll() its fd for before the next step), or an error with err (then close and
+ * unref it). cfg->authorize runs in a step. pconn__rpc_conn_expired() says, to the peer
+ * if its socket takes it now and in err, that the deadline passed. When the handshake
+ * is done, pconn__rpc_conn_serve() starts the connection's reading thread, which calls
+ * on_reader_exit(exit_arg) as its last act; PCONN_ENOMEM when it cannot. */
+enum { RPC_HS_AGAIN = 1 };
+PCONN_HIDDEN int pconn__rpc_conn_accept(int fd, const char *address, const rpc_config_t *cfg,
+                                        pconn_conn_t **out, pconn_error_t *err);
+PCONN_HIDDEN int pconn__rpc_conn_step(pconn_conn_t *conn, short *events, pconn_error_t *err);
+PCONN_HIDDEN int pconn__rpc_conn_expired(pconn_conn_t *conn, pconn_error_t *err);
+PCONN_HIDDEN int pconn__rpc_conn_serve(pconn_conn_t *conn, void (*on_reader_exit)(void *), void *exit_arg,
+                                       pconn_error_t *err);
 /* Server: when the handler running on conn's reading thread is still the one that
  * started at since_ns, hands the reading role to a new thread (the old one answers its
  * query and ends). true if it did; false also when conn is closed. */
 PCONN_HIDDEN bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns);
 /* Server: since when the handler running on conn's reading thread runs, or 0. */
 PCONN_HIDDEN int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn);
-/* Server (cfg->server): the thread that opened the connection goes on as its reader,
- * one thread creation fewer; runs until the connection ends. Once, right after
- * pconn__rpc_conn_open(). */
-PCONN_HIDDEN void pconn__rpc_conn_read(pconn_conn_t *conn);
 /* True once the connection's reader has returned. */
 PCONN_HIDDEN bool pconn__rpc_conn_done(pconn_conn_t *conn);
 /* For an RPC connection: its transport and that transport's session (set before the

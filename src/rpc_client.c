@@ -34,8 +34,8 @@ static int rpc_connect(void *arg, const char *address, pconn_conn_t **conn, pcon
     int fd = pconn__tcp_connect_fd(&cl->tcp, address, err);
     if (fd < 0)
         return err->code;
-    return pconn__rpc_conn_open(fd, address, &cl->cfg, deadline, pconn__cancel_fd(), pconn__cancelled,
-                                NULL, NULL, conn, err);
+    return pconn__rpc_conn_open(fd, address, &cl->cfg, deadline, pconn__cancel_fd(), pconn__cancelled, conn,
+                                err);
 }
 
 rpc_stats_t *pconn__rpc_client_stats(void *connect_arg, pconn_connect_fn connect)

@@ -160,9 +160,12 @@ typedef struct rpc_conn_t {
     uint8_t *rbuf;
     size_t rpos, rlen;
     int64_t last_recv_ns, next_send_ns;
-    int64_t handshake_deadline_ns; /* while > 0, reads are bounded by it instead */
-    int cancel_fd;                 /* while handshaking: readable when to give up, or -1 */
-    bool (*cancelled)(void);       /* NULL: cancel_fd readable means cancelled */
+
+    /* The handshake's (hs_step()): its state, bytes of our HELLO sent or of the peer's
+     * read, and the peer's HELLO. */
+    int hs_state;
+    size_t hs_done;
+    uint8_t hs_buf[8 + RPC_HELLO_MAX];
 } rpc_conn_t;
 
 static _Thread_local pconn_conn_t *tl_handler_conn;
@@ -493,7 +496,7 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 enum { RD_DEADLINE = -100, RD_KICKED = -101, RD_BIG = -102, RD_YIELD = -103 };
 
 /* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
- * PCONN_ETIMEDOUT (handshake deadline or heartbeat timeout), RD_DEADLINE (a leading
+ * PCONN_ETIMEDOUT (heartbeat timeout), RD_DEADLINE (a leading
  * caller's deadline), RD_KICKED (the watcher's kick fd). */
 static int wait_readable(rpc_conn_t *c)
 {
@@ -501,58 +504,47 @@ static int wait_readable(rpc_conn_t *c)
         if (c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
             c->session != NULL && c->cfg.transport->pending(c->session) > 0)
             return PCONN_OK;
-        int64_t now = pconn__mono_ns(), until;
-        if (c->handshake_deadline_ns > 0) {
-            if (now >= c->handshake_deadline_ns)
-                return PCONN_ETIMEDOUT;
-            until = c->handshake_deadline_ns;
-        } else {
-            int64_t dead_at = after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
-            if (now >= dead_at) {
-                /* Bytes waiting unread are a sign of life that came while this thread
-                 * was busy (serving a batch): read them first. */
-                struct pollfd now_pfd = {.fd = c->fd, .events = POLLIN};
-                if (poll(&now_pfd, 1, 0) == 1 && (now_pfd.revents & POLLIN))
+        int64_t now = pconn__mono_ns();
+        int64_t dead_at = after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
+        if (now >= dead_at) {
+            /* Bytes waiting unread are a sign of life that came while this thread
+             * was busy (serving a batch): read them first. */
+            struct pollfd now_pfd = {.fd = c->fd, .events = POLLIN};
+            if (poll(&now_pfd, 1, 0) == 1 && (now_pfd.revents & POLLIN))
+                return PCONN_OK;
+            return PCONN_ETIMEDOUT;
+        }
+        if (now >= c->next_send_ns) {
+            /* Never waits: skipped while someone writes (those bytes reach the peer
+             * anyway) or while the socket is full (it would not be read either). */
+            uint8_t h[9];
+            frame_head(h, RPC_HEARTBEAT, 0, 0);
+            if (write_frame(c, h, sizeof h, NULL, 0, 0) == WF_TIMEOUT_MIDFRAME)
+                return PCONN_EIO;
+            c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
+        }
+        int64_t until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
+        if (c->lead_deadline_ns != 0) {
+            if (now >= c->lead_deadline_ns) {
+                /* Past its deadline a caller still takes what has arrived, once: a
+                 * call with timeout 0 gets an answer that is already there. */
+                struct pollfd late = {.fd = c->fd, .events = POLLIN};
+                if (!c->lead_late_read && poll(&late, 1, 0) == 1 && (late.revents & POLLIN)) {
+                    c->lead_late_read = true;
                     return PCONN_OK;
-                return PCONN_ETIMEDOUT;
-            }
-            if (now >= c->next_send_ns) {
-                /* Never waits: skipped while someone writes (those bytes reach the peer
-                 * anyway) or while the socket is full (it would not be read either). */
-                uint8_t h[9];
-                frame_head(h, RPC_HEARTBEAT, 0, 0);
-                if (write_frame(c, h, sizeof h, NULL, 0, 0) == WF_TIMEOUT_MIDFRAME)
-                    return PCONN_EIO;
-                c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
-            }
-            until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
-            if (c->lead_deadline_ns != 0) {
-                if (now >= c->lead_deadline_ns) {
-                    /* Past its deadline a caller still takes what has arrived, once: a
-                     * call with timeout 0 gets an answer that is already there. */
-                    struct pollfd late = {.fd = c->fd, .events = POLLIN};
-                    if (!c->lead_late_read && poll(&late, 1, 0) == 1 && (late.revents & POLLIN)) {
-                        c->lead_late_read = true;
-                        return PCONN_OK;
-                    }
-                    return RD_DEADLINE;
                 }
-                if (c->lead_deadline_ns < until)
-                    until = c->lead_deadline_ns;
+                return RD_DEADLINE;
             }
+            if (c->lead_deadline_ns < until)
+                until = c->lead_deadline_ns;
         }
-        int cancel_fd = c->handshake_deadline_ns > 0 ? c->cancel_fd : c->watching ? c->kick_fd : -1;
+        int kick_fd = c->watching ? c->kick_fd : -1;
         struct pollfd pfd[2] = {{.fd = c->fd, .events = transport_wants(c, 0)},
-                                {.fd = cancel_fd, .events = POLLIN}};
-        int rc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(until));
-        if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0 && c->handshake_deadline_ns == 0) {
-            pconn__wake_drain(cancel_fd);
+                                {.fd = kick_fd, .events = POLLIN}};
+        int rc = poll(pfd, kick_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(until));
+        if (rc > 0 && kick_fd >= 0 && pfd[1].revents != 0) {
+            pconn__wake_drain(kick_fd);
             return RD_KICKED;
-        }
-        if (rc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
-            if (c->cancelled == NULL || c->cancelled())
-                return PCONN_ECLOSED;
-            pconn__wake_drain(cancel_fd); /* a kick: its owner re-checks its flags later */
         }
         if (rc > 0 && pfd[0].revents != 0)
             return PCONN_OK;
@@ -607,138 +599,6 @@ static int read_exact(rpc_conn_t *c, void *dst, size_t len, int *sys_errno)
             c->rpos = 0;
             c->rlen = (size_t)n;
         }
-    }
-    return PCONN_OK;
-}
-
-/* Reads one frame payload into a new buffer, refusing sizes over limit before any
- * allocation. On PCONN_ETOOBIG, *big_len is the length and head[0..*head_len) the first
- * bytes of its payload (type and id, when there). */
-static int read_frame(rpc_conn_t *c, size_t limit, uint8_t **payload, size_t *len,
-                      uint64_t *big_len, uint8_t *head, size_t *head_len, int *sys_errno)
-{
-    uint8_t lenbuf[8];
-    int rc = read_exact(c, lenbuf, 8, sys_errno);
-    if (rc != PCONN_OK)
-        return rc;
-    uint64_t n = pconn__get_u64(lenbuf);
-    if (n == 0)
-        return PCONN_EPROTO;
-    if (n > limit) {
-        *big_len = n;
-        *head_len = n < 9 ? (size_t)n : 9;
-        if (read_exact(c, head, *head_len, sys_errno) != PCONN_OK)
-            *head_len = 0;
-        return PCONN_ETOOBIG;
-    }
-    uint8_t *p = malloc((size_t)n);
-    if (p == NULL)
-        return PCONN_ENOMEM;
-    rc = read_exact(c, p, (size_t)n, sys_errno);
-    if (rc != PCONN_OK) {
-        free(p);
-        return rc;
-    }
-    *payload = p;
-    *len = (size_t)n;
-    return PCONN_OK;
-}
-
-/* ---- handshake ----------------------------------------------------------------- */
-
-static int handshake(rpc_conn_t *c, pconn_error_t *err)
-{
-    if (c->cfg.authorize != NULL) {
-        pconn_error_t why = {0};
-        int arc = c->cfg.authorize(&c->peer, c->cfg.authorize_arg, &why);
-        if (arc != PCONN_OK) {
-            char msg[300];
-            snprintf(msg, sizeof msg, "not authorized: %s",
-                     why.message[0] != '\0' ? why.message : pconn_strerror(arc));
-            send_close(c, PCONN_EHANDSHAKE, msg);
-            char sink[64]; /* the peer's HELLO, if here: closing over it would reset */
-            (void)!recv(c->fd, sink, sizeof sink, MSG_DONTWAIT);
-            pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: %s", c->address, msg);
-            return PCONN_EHANDSHAKE;
-        }
-    }
-    uint8_t hello[9 + 7];
-    frame_head(hello, RPC_HELLO, 7, 0);
-    pconn__put_u32(hello + 9, RPC_MAGIC);
-    hello[13] = 1;
-    pconn__put_u16(hello + 14, RPC_VERSION);
-    if (write_frame(c, hello, sizeof hello, NULL, 0, c->handshake_deadline_ns) != WF_OK) {
-        int e = errno;
-        /* A TLS 1.3 server refuses a client certificate after the client's handshake is
-         * done: its alert is waiting to be read, and says why. */
-        uint8_t alert[64];
-        const char *tls_why = pconn__tls_why(c->cfg.transport, c->session);
-        if (tls_why != NULL && raw_read(c, alert, sizeof alert) < 0)
-            tls_why = pconn__tls_why(c->cfg.transport, c->session);
-        if (tls_why != NULL) {
-            pconn_error_set(err, PCONN_EHANDSHAKE, e, "rpc %s: handshake: %s", c->address, tls_why);
-            return PCONN_EHANDSHAKE;
-        }
-        pconn_error_set(err, PCONN_EHANDSHAKE, e, "rpc %s: handshake: write", c->address);
-        return PCONN_EHANDSHAKE;
-    }
-    uint8_t *payload = NULL, head[9];
-    size_t len = 0, head_len;
-    uint64_t big = 0;
-    int sys_errno = 0;
-    int rc = read_frame(c, RPC_HELLO_MAX, &payload, &len, &big, head, &head_len, &sys_errno);
-    if (rc == PCONN_ECLOSED) { /* pconn_close(), or the server stopping (defects 4, 5) */
-        pconn_error_set(err, PCONN_ECLOSED, 0, "rpc %s: handshake: interrupted by close", c->address);
-        return PCONN_ECLOSED;
-    }
-    if (rc == PCONN_ETIMEDOUT) {
-        send_close(c, PCONN_EHANDSHAKE, "handshake timed out");
-        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake timed out", c->address);
-        return PCONN_EHANDSHAKE;
-    }
-    if (rc == PCONN_EIO) {
-        const char *tls_why = pconn__tls_why(c->cfg.transport, c->session);
-        pconn_error_set(err, PCONN_EHANDSHAKE, sys_errno, "rpc %s: handshake: %s", c->address,
-                        tls_why != NULL ? tls_why : "connection closed by peer");
-        return PCONN_EHANDSHAKE;
-    }
-    rpc_msg_t m = {0};
-    char why[128] = "";
-    if (rc == PCONN_OK)
-        rc = pconn__rpc_decode(payload, len, &m, why, sizeof why);
-    else if (c->cfg.transport == NULL && ((big >> 56) == 0x15 || (big >> 56) == 0x16) &&
-             ((big >> 48) & 0xff) == 0x03)
-        snprintf(why, sizeof why, "the peer answered in TLS: it is a TLS server (set tls)");
-    else
-        snprintf(why, sizeof why, "first frame is not a HELLO (length %llu)", (unsigned long long)big);
-    if (rc == PCONN_OK && m.type == RPC_CLOSE) { /* refused: say why, as the peer said */
-        snprintf(why, sizeof why, "refused by the peer: %.*s", (int)(m.data_len < 100 ? m.data_len : 100),
-                 (const char *)m.data);
-        free(payload);
-        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: %s", c->address, why);
-        return PCONN_EHANDSHAKE;
-    }
-    if (rc == PCONN_OK && m.type != RPC_HELLO) {
-        snprintf(why, sizeof why, "first frame is not a HELLO (type %u)", (unsigned)m.type);
-        rc = PCONN_EPROTO;
-    }
-    if (rc == PCONN_OK && m.magic != RPC_MAGIC) {
-        snprintf(why, sizeof why, "bad magic number 0x%08x (want 0x%08x)", m.magic, RPC_MAGIC);
-        rc = PCONN_EPROTO;
-    }
-    if (rc == PCONN_OK && pconn__rpc_pick_version(&m) == 0) {
-        int k = snprintf(why, sizeof why, "no common protocol version: ours [%d], theirs [", RPC_VERSION);
-        for (unsigned i = 0; i < m.nversions && k > 0 && (size_t)k < sizeof why - 8; i++)
-            k += snprintf(why + k, sizeof why - (size_t)k, i ? " %u" : "%u", m.versions[i]);
-        if (k > 0 && (size_t)k < sizeof why - 1)
-            snprintf(why + k, sizeof why - (size_t)k, "]");
-        rc = PCONN_EPROTO;
-    }
-    free(payload);
-    if (rc != PCONN_OK) {
-        send_close(c, PCONN_EHANDSHAKE, why);
-        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: %s", c->address, why);
-        return PCONN_EHANDSHAKE;
     }
     return PCONN_OK;
 }
@@ -1390,11 +1250,6 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
     return handoff(pconn_conn_impl(conn), since_ns, 0) == HANDED;
 }
 
-void pconn__rpc_conn_read(pconn_conn_t *conn)
-{
-    reader_main(pconn_conn_impl(conn));
-}
-
 int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn)
 {
     return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->inline_since_ns);
@@ -1534,69 +1389,229 @@ static void refuse_plaintext(rpc_conn_t *c)
     (void)send(c->fd, f, sizeof f, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-/* The transport's session and its own handshake, within the handshake's deadline and
- * interruptible by its cancel fd; then the peer's identity. */
-static int transport_start(rpc_conn_t *c, pconn_error_t *err)
+/* ---- handshake -----------------------------------------------------------------
+ * A state machine that never blocks, so that one thread can drive many: a server's
+ * accepting thread drives all its handshakes (no thread per peer before its HELLO is
+ * in), a client's connect drives its one with hs_run(). Each side sends its HELLO
+ * first, then reads the peer's; the HELLO is read exactly (8 bytes, then the payload),
+ * so that what the peer sends after it stays in the socket (or the transport's buffer)
+ * for the reader. */
+
+enum { HS_TRANSPORT, HS_SEND, HS_RECV, HS_DONE };
+
+static const uint8_t our_hello[16] = {0, 0, 0, 0, 0, 0, 0, 8, RPC_HELLO, 0x50, 0x43, 0x4E, 0x31, 1, 0, RPC_VERSION};
+
+/* The peer's HELLO frame, complete in c->hs_buf: PCONN_OK, or why it is refused. */
+static int hs_check(rpc_conn_t *c, uint64_t n, pconn_error_t *err)
 {
-    const pconn_transport_t *t = c->cfg.transport;
-    pconn_error_t local = {0};
-    c->session = t->open(t->arg, c->fd, c->address, c->cfg.server, &local);
-    if (c->session == NULL) {
-        pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
-                        local.message[0] != '\0' ? local.message : "open failed");
+    rpc_msg_t m = {0};
+    char why[128] = "";
+    int rc = pconn__rpc_decode(c->hs_buf + 8, (size_t)n, &m, why, sizeof why);
+    if (rc == PCONN_OK && m.type == RPC_CLOSE) { /* refused: say why, as the peer said */
+        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: refused by the peer: %.*s", c->address,
+                        (int)(m.data_len < 100 ? m.data_len : 100), (const char *)m.data);
         return PCONN_EHANDSHAKE;
     }
-    while (t->handshake != NULL) {
-        local = (pconn_error_t){0};
-        errno = 0;
-        if (t->handshake(c->session, &local) == 0)
-            break;
-        if (errno != EAGAIN) {
+    if (rc == PCONN_OK && m.type != RPC_HELLO) {
+        snprintf(why, sizeof why, "first frame is not a HELLO (type %u)", (unsigned)m.type);
+        rc = PCONN_EPROTO;
+    }
+    if (rc == PCONN_OK && m.magic != RPC_MAGIC) {
+        snprintf(why, sizeof why, "bad magic number 0x%08x (want 0x%08x)", m.magic, RPC_MAGIC);
+        rc = PCONN_EPROTO;
+    }
+    if (rc == PCONN_OK && pconn__rpc_pick_version(&m) == 0) {
+        int k = snprintf(why, sizeof why, "no common protocol version: ours [%d], theirs [", RPC_VERSION);
+        for (unsigned i = 0; i < m.nversions && k > 0 && (size_t)k < sizeof why - 8; i++)
+            k += snprintf(why + k, sizeof why - (size_t)k, i ? " %u" : "%u", m.versions[i]);
+        if (k > 0 && (size_t)k < sizeof why - 1)
+            snprintf(why + k, sizeof why - (size_t)k, "]");
+        rc = PCONN_EPROTO;
+    }
+    if (rc == PCONN_OK)
+        return PCONN_OK;
+    send_close(c, PCONN_EHANDSHAKE, why);
+    pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: %s", c->address, why);
+    return PCONN_EHANDSHAKE;
+}
+
+/* The peer's frame claims n bytes, which no HELLO has. */
+static int hs_not_hello(rpc_conn_t *c, uint64_t n, pconn_error_t *err)
+{
+    char why[128];
+    if (c->cfg.transport == NULL && ((n >> 56) == 0x15 || (n >> 56) == 0x16) && ((n >> 48) & 0xff) == 0x03)
+        snprintf(why, sizeof why, "the peer answered in TLS: it is a TLS server (set tls)");
+    else
+        snprintf(why, sizeof why, "first frame is not a HELLO (length %llu)", (unsigned long long)n);
+    send_close(c, PCONN_EHANDSHAKE, why);
+    pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake: %s", c->address, why);
+    return PCONN_EHANDSHAKE;
+}
+
+/* The server's authorize callback, once the peer is known: PCONN_OK, or the peer is
+ * told why it is refused. */
+static int hs_authorize(rpc_conn_t *c, pconn_error_t *err)
+{
+    pconn_error_t why = {0};
+    int arc = c->cfg.authorize(&c->peer, c->cfg.authorize_arg, &why);
+    if (arc == PCONN_OK)
+        return PCONN_OK;
+    char msg[300];
+    snprintf(msg, sizeof msg, "not authorized: %s", why.message[0] != '\0' ? why.message : pconn_strerror(arc));
+    send_close(c, PCONN_EHANDSHAKE, msg);
+    char sink[64]; /* the peer's HELLO, if here: closing over it would reset */
+    (void)!recv(c->fd, sink, sizeof sink, MSG_DONTWAIT);
+    pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: %s", c->address, msg);
+    return PCONN_EHANDSHAKE;
+}
+
+/* Takes the handshake as far as it goes without waiting. PCONN_OK when it is done;
+ * RPC_HS_AGAIN with *events, what to poll() c->fd for before the next step; else an error
+ * with err filled (the connection is to be dropped). */
+static int hs_step(rpc_conn_t *c, short *events, pconn_error_t *err)
+{
+    const pconn_transport_t *t = c->cfg.transport;
+    if (c->hs_state == HS_TRANSPORT) {
+        while (t != NULL && t->handshake != NULL) {
+            pconn_error_t local = {0};
+            errno = 0;
+            if (t->handshake(c->session, &local) == 0)
+                break;
+            if (errno == EAGAIN) {
+                *events = transport_wants(c, 0);
+                return RPC_HS_AGAIN;
+            }
             pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
                             local.message[0] != '\0' ? local.message : "handshake failed");
             if (c->cfg.server && strstr(local.message, "plaintext peer") != NULL)
                 refuse_plaintext(c);
             return PCONN_EHANDSHAKE;
         }
-        int rc = wait_readable(c); /* polls for wants(session, 0), deadline, cancel fd */
-        if (rc == PCONN_ETIMEDOUT) {
-            pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport: handshake timed out", c->address);
+        if (t != NULL && t->identity != NULL)
+            t->identity(c->session, &c->peer);
+        if (c->cfg.authorize != NULL && hs_authorize(c, err) != PCONN_OK)
             return PCONN_EHANDSHAKE;
-        }
-        if (rc != PCONN_OK) {
-            pconn_error_set(err, rc, 0, "rpc %s: transport: handshake %s", c->address,
-                            rc == PCONN_ECLOSED ? "interrupted by close" : "failed");
-            return rc;
-        }
+        c->hs_state = HS_SEND;
     }
-    if (t->identity != NULL)
-        t->identity(c->session, &c->peer);
+    while (c->hs_state == HS_SEND) {
+        ssize_t n = raw_write(c, our_hello + c->hs_done, sizeof our_hello - c->hs_done);
+        if (n > 0 && (c->hs_done += (size_t)n) == sizeof our_hello) {
+            c->hs_state = HS_RECV;
+            c->hs_done = 0;
+        }
+        if (n > 0 || (n < 0 && errno == EINTR))
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            *events = transport_wants(c, 1);
+            return RPC_HS_AGAIN;
+        }
+        int e = errno;
+        /* A TLS 1.3 server refuses a client certificate after the client's handshake is
+         * done: its alert is waiting to be read, and says why. */
+        uint8_t alert[64];
+        const char *tls_why = pconn__tls_why(t, c->session);
+        if (tls_why != NULL && raw_read(c, alert, sizeof alert) < 0)
+            tls_why = pconn__tls_why(t, c->session);
+        pconn_error_set(err, PCONN_EHANDSHAKE, e, "rpc %s: handshake: %s", c->address,
+                        tls_why != NULL ? tls_why : "write");
+        return PCONN_EHANDSHAKE;
+    }
+    while (c->hs_state == HS_RECV) {
+        size_t want = 8;
+        if (c->hs_done >= 8) {
+            uint64_t n = pconn__get_u64(c->hs_buf);
+            if (n == 0 || n > RPC_HELLO_MAX)
+                return hs_not_hello(c, n, err);
+            if (c->hs_done == 8 + n) {
+                c->hs_state = HS_DONE;
+                return hs_check(c, n, err);
+            }
+            want = 8 + (size_t)n;
+        }
+        ssize_t r = raw_read(c, c->hs_buf + c->hs_done, want - c->hs_done);
+        if (r > 0) {
+            c->hs_done += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno == EAGAIN) {
+            *events = transport_wants(c, 0);
+            return RPC_HS_AGAIN;
+        }
+        int e = r < 0 ? errno : 0;
+        const char *tls_why = pconn__tls_why(t, c->session);
+        pconn_error_set(err, PCONN_EHANDSHAKE, e, "rpc %s: handshake: %s", c->address,
+                        tls_why != NULL ? tls_why : "connection closed by peer");
+        return PCONN_EHANDSHAKE;
+    }
     return PCONN_OK;
 }
 
-int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, int64_t deadline_ns,
-                         int cancel_fd, bool (*cancelled)(void), void (*on_reader_exit)(void *),
-                         void *exit_arg, pconn_conn_t **out, pconn_error_t *err)
+/* The handshake's deadline passed: the peer is told, if it can be without waiting. */
+static int hs_expired(rpc_conn_t *c, pconn_error_t *err)
+{
+    if (c->hs_state == HS_TRANSPORT) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: transport: handshake timed out", c->address);
+        return PCONN_EHANDSHAKE;
+    }
+    send_close(c, PCONN_EHANDSHAKE, "handshake timed out");
+    pconn_error_set(err, PCONN_EHANDSHAKE, 0, "rpc %s: handshake timed out", c->address);
+    return PCONN_EHANDSHAKE;
+}
+
+/* The whole handshake on the calling thread, by deadline_ns; it gives up (PCONN_ECLOSED)
+ * when cancel_fd (-1: none) turns readable and cancelled() (NULL: always) says so. */
+static int hs_run(rpc_conn_t *c, int64_t deadline_ns, int cancel_fd, bool (*cancelled)(void),
+                  pconn_error_t *err)
+{
+    short events = 0;
+    int rc;
+    while ((rc = hs_step(c, &events, err)) == RPC_HS_AGAIN) {
+        for (;;) {
+            if (pconn__mono_ns() >= deadline_ns)
+                return hs_expired(c, err);
+            struct pollfd pfd[2] = {{.fd = c->fd, .events = events}, {.fd = cancel_fd, .events = POLLIN}};
+            int prc = poll(pfd, cancel_fd >= 0 ? 2 : 1, pconn__poll_timeout_ms(deadline_ns));
+            if (prc < 0 && errno != EINTR) {
+                pconn_error_set(err, PCONN_EHANDSHAKE, errno, "rpc %s: handshake: poll", c->address);
+                return PCONN_EHANDSHAKE;
+            }
+            if (prc > 0 && cancel_fd >= 0 && pfd[1].revents != 0) {
+                if (cancelled == NULL || cancelled()) { /* pconn_close() (defect 4) */
+                    pconn_error_set(err, PCONN_ECLOSED, 0, "rpc %s: %s interrupted by close", c->address,
+                                    c->hs_state == HS_TRANSPORT ? "transport: handshake" : "handshake:");
+                    return PCONN_ECLOSED;
+                }
+                pconn__wake_drain(cancel_fd); /* a kick: its owner re-checks its flags later */
+            }
+            if (prc > 0 && pfd[0].revents != 0)
+                break;
+        }
+    }
+    return rc;
+}
+
+/* ---- opening ---------------------------------------------------------------------- */
+
+/* A connection around a connected fd (taken over: closed on failure too), with its
+ * transport session; no I/O yet. */
+static int conn_new(int fd, const char *address, const rpc_config_t *cfg, rpc_conn_t **out,
+                    pconn_error_t *err)
 {
     *out = NULL;
     rpc_conn_t *c = calloc(1, sizeof *c);
-    uint8_t *rbuf = malloc(READ_BUF);
-    if (c == NULL || rbuf == NULL) {
-        free(c);
-        free(rbuf);
+    if (c == NULL) {
         close(fd);
         pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "rpc %s", address);
         return PCONN_ENOMEM;
     }
     c->fd = fd;
     c->kick_fd = -1;
-    c->rbuf = rbuf;
     c->cfg = *cfg;
     pconn__rpc_pool_ref(c->cfg.pool);   /* all live as long as the connection: its */
     pconn__rpc_impls_ref(c->cfg.impls); /* reader and jobs use them (issue 9, defect 2) */
     pconn__rpc_stats_ref(c->cfg.stats);
-    c->on_reader_exit = on_reader_exit;
-    c->exit_arg = exit_arg;
     pconn__strcpy(c->address, sizeof c->address, address);
     atomic_init(&c->reader_done, false);
     atomic_init(&c->dead, false);
@@ -1616,31 +1631,59 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
     pconn__conn_set_address(c->conn, address);
     pconn__conn_set_quiesce(c->conn, wait_reader_out);
     c->peer.address = c->address;
-    c->handshake_deadline_ns = deadline_ns;
-    c->cancel_fd = cancel_fd;
-    c->cancelled = cancelled;
-    /* Every wait is a poll() with a deadline and the cancel fd, never a blocking call. */
+    /* Every wait is a poll() with a deadline (and a way to be interrupted), never a
+     * blocking call. */
+    int rc = PCONN_OK;
     int fl = fcntl(fd, F_GETFL);
-    int rc = fl >= 0 && fcntl(fd, F_SETFL, fl | O_NONBLOCK) == 0 ? PCONN_OK : PCONN_EIO;
-    if (rc != PCONN_OK)
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) {
         pconn_error_set(err, PCONN_EIO, errno, "rpc %s: fcntl", address);
-    if (rc == PCONN_OK && cfg->transport != NULL)
-        rc = transport_start(c, err);
+        rc = PCONN_EIO;
+    }
+    const pconn_transport_t *t = c->cfg.transport;
+    pconn_error_t local = {0};
+    if (rc == PCONN_OK && t != NULL && (c->session = t->open(t->arg, fd, c->address, c->cfg.server, &local)) == NULL) {
+        pconn_error_set(err, PCONN_EHANDSHAKE, local.sys_errno, "rpc %s: transport: %s", c->address,
+                        local.message[0] != '\0' ? local.message : "open failed");
+        rc = PCONN_EHANDSHAKE;
+    }
+    if (rc != PCONN_OK) {
+        pconn_conn_close(c->conn);
+        pconn_conn_unref(c->conn);
+        return rc;
+    }
+    *out = c;
+    return PCONN_OK;
+}
+
+/* After the handshake: the read buffer, the heartbeat clocks, and the reading thread's
+ * own reference, dropped as its last act: it never takes one from a count that may
+ * have reached zero (issue 9, defect 1). */
+static int reading_prepare(rpc_conn_t *c, pconn_error_t *err)
+{
+    if ((c->rbuf = malloc(READ_BUF)) == NULL) {
+        pconn_error_set(err, PCONN_ENOMEM, ENOMEM, "rpc %s", c->address);
+        return PCONN_ENOMEM;
+    }
+    pconn_conn_ref(c->conn);
+    c->last_recv_ns = pconn__mono_ns();
+    c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
+    return PCONN_OK;
+}
+
+int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, int64_t deadline_ns,
+                         int cancel_fd, bool (*cancelled)(void), pconn_conn_t **out, pconn_error_t *err)
+{
+    *out = NULL;
+    rpc_conn_t *c;
+    int rc = conn_new(fd, address, cfg, &c, err);
+    if (rc != PCONN_OK)
+        return rc;
+    rc = hs_run(c, deadline_ns, cancel_fd, cancelled, err);
     if (rc == PCONN_OK)
-        rc = handshake(c, err);
-    c->handshake_deadline_ns = 0;
+        rc = reading_prepare(c, err);
     if (rc == PCONN_OK) {
-        /* The reader's own reference, dropped as its last act: it never takes one from a
-         * count that may have reached zero (issue 9, defect 1). */
-        pconn_conn_ref(c->conn);
-        c->last_recv_ns = pconn__mono_ns();
-        c->next_send_ns = after_ms(c->last_recv_ns, c->cfg.hb_every_ms);
-        if (c->cfg.server) {
-            c->reader = pthread_self();
-            c->reader_started = c->reader_detached = true;
-        } else if ((c->kick_fd = pconn__wake_fd_new()) >= 0) {
+        if ((c->kick_fd = pconn__wake_fd_new()) >= 0)
             c->reader_started = pconn__thread_start(&c->reader, watch_main, c, READER_STACK, false) == 0;
-        }
         if (!c->reader_started) {
             pconn_conn_unref(c->conn);
             pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "rpc %s: reader thread", address);
@@ -1653,6 +1696,46 @@ int pconn__rpc_conn_open(int fd, const char *address, const rpc_config_t *cfg, i
         return rc;
     }
     *out = c->conn;
+    return PCONN_OK;
+}
+
+int pconn__rpc_conn_accept(int fd, const char *address, const rpc_config_t *cfg, pconn_conn_t **out,
+                           pconn_error_t *err)
+{
+    rpc_conn_t *c;
+    int rc = conn_new(fd, address, cfg, &c, err);
+    *out = rc == PCONN_OK ? c->conn : NULL;
+    return rc;
+}
+
+int pconn__rpc_conn_step(pconn_conn_t *conn, short *events, pconn_error_t *err)
+{
+    return hs_step(pconn_conn_impl(conn), events, err);
+}
+
+int pconn__rpc_conn_expired(pconn_conn_t *conn, pconn_error_t *err)
+{
+    return hs_expired(pconn_conn_impl(conn), err);
+}
+
+int pconn__rpc_conn_serve(pconn_conn_t *conn, void (*on_reader_exit)(void *), void *exit_arg,
+                          pconn_error_t *err)
+{
+    rpc_conn_t *c = pconn_conn_impl(conn);
+    int rc = reading_prepare(c, err);
+    if (rc != PCONN_OK)
+        return rc;
+    c->on_reader_exit = on_reader_exit;
+    c->exit_arg = exit_arg;
+    /* The default stack, as handlers run on it. */
+    c->reader_started = c->reader_detached = true;
+    if (pconn__thread_start(&c->reader, reader_main, c, 0, true) != 0) {
+        c->reader_started = c->reader_detached = false;
+        c->on_reader_exit = NULL;
+        pconn_conn_unref(c->conn);
+        pconn_error_set(err, PCONN_ENOMEM, EAGAIN, "rpc %s: reader thread", c->address);
+        return PCONN_ENOMEM;
+    }
     return PCONN_OK;
 }
 

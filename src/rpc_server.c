@@ -1,7 +1,9 @@
-/* rpc_server.c - the server side: an accepting thread that is also the watchdog of the
- * handlers running on reading threads; per connection a greeter for the handshake, then
- * a reading thread that runs the handlers (rpc_conn.c); blocking handlers run on a
- * shared pool. */
+/* rpc_server.c - the server side. One accepting thread accepts, drives the handshakes
+ * of all new connections at once (none has a thread before its HELLO is in: a silent
+ * peer costs a descriptor and a few KiB, and its deadline is on the same epoll set),
+ * and is the watchdog of the handlers running on reading threads. Each connection whose
+ * handshake is done gets a reading thread that runs its handlers (rpc_conn.c);
+ * blocking handlers run on a shared pool. */
 #include "rpc.h"
 #include "tls.h"
 
@@ -14,14 +16,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #define SERVER_POOL_MAX 256
-/* Handshakes under way at once; more peers wait in the listen backlog. Each has a thread
- * until its handshake ends (a single poller for all of them is the design of issue 9,
- * not built yet); the cap bounds them. */
-#define MAX_GREETERS 64
 #define EMFILE_BACKOFF_MS 100
 
 typedef struct entry_t {
@@ -29,28 +28,31 @@ typedef struct entry_t {
     struct entry_t *next;
 } entry_t;
 
-/* A connection still in its handshake, served by its own thread. */
-typedef struct greeter_t {
-    pconn_rpc_server_t *srv;
+/* A connection in its handshake; the accepting thread's alone. */
+typedef struct greeting_t {
+    pconn_conn_t *conn;  /* the only reference */
     int fd;
-    char address[PCONN_ADDRESS_MAX];
-} greeter_t;
+    short events;        /* what the epoll set watches it for; 0: not in the set yet */
+    int64_t deadline_ns;
+    struct greeting_t *prev, *next; /* oldest first: the first deadline first */
+} greeting_t;
 
 struct pconn_rpc_server_t {
     int lfd;
     int wake_fd;
-    int stop_fd;          /* written once at stop, never drained: ends every handshake */
+    int epfd;             /* the accepting thread's: lfd, wake_fd, every handshake */
     int max_connections;  /* 0: no limit */
-    int nconns;           /* in conns; guarded by mutex */
     pthread_t acceptor;
     rpc_config_t cfg;
     int64_t handshake_ms;
     pconn__tls_endpoint_t *tls; /* or NULL */
     char address[PCONN_ADDRESS_MAX];
+    greeting_t *greet_first, *greet_last; /* the accepting thread's */
     pthread_mutex_t mutex;
-    pthread_cond_t cond;  /* greeters or readers finished */
+    pthread_cond_t cond;  /* readers finished */
     entry_t *conns;
-    int greeters;         /* handshakes under way */
+    int nconns;           /* in conns */
+    int ngreetings;       /* handshakes under way (written by the accepting thread) */
     int readers;          /* connection readers still running: they call back into us */
     bool stopping;
     rpc_watch_t watch;
@@ -103,7 +105,7 @@ static bool reader_count(void *arg, int delta)
      * handlers: past that, a slow handler keeps its connection's reading (back-pressure
      * on that peer) instead of costing a thread per query. */
     bool ok = delta < 0 ||
-              (!srv->stopping && srv->readers < srv->nconns + srv->greeters + SERVER_POOL_MAX);
+              (!srv->stopping && srv->readers < srv->nconns + SERVER_POOL_MAX);
     if (ok)
         srv->readers += delta;
     if (srv->readers == 0)
@@ -140,62 +142,80 @@ static void hand_off_slow(pconn_rpc_server_t *srv)
     free(slow);
 }
 
-/* A handshake ended: stop may go on, the acceptor may take the next peer. */
-static void greeter_done_locked(pconn_rpc_server_t *srv)
+/* ---- handshakes, all on the accepting thread ---- */
+
+/* The handshake of g ended with rc: the connection goes on to its reading thread, or
+ * goes. */
+static void greeting_end(pconn_rpc_server_t *srv, greeting_t *g, int rc, pconn_error_t *err)
 {
-    srv->greeters--;
-    pthread_cond_broadcast(&srv->cond);
-    pconn__wake(srv->wake_fd);
+    if (g->events != 0)
+        epoll_ctl(srv->epfd, EPOLL_CTL_DEL, g->fd, NULL);
+    *(g->prev != NULL ? &g->prev->next : &srv->greet_first) = g->next;
+    *(g->next != NULL ? &g->next->prev : &srv->greet_last) = g->prev;
+    pconn_conn_t *conn = g->conn;
+    free(g);
+    entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
+    if (rc == PCONN_OK && e == NULL) {
+        rc = PCONN_ENOMEM;
+        pconn_error_set(err, rc, ENOMEM, "no memory for the connection");
+    }
+    pconn__mutex_lock(&srv->mutex);
+    srv->ngreetings--;
+    if (rc == PCONN_OK)
+        srv->readers++; /* before its reader can start: stop waits for it */
+    pconn__mutex_unlock(&srv->mutex);
+    if (rc == PCONN_OK && (rc = pconn__rpc_conn_serve(conn, reader_exited, srv, err)) != PCONN_OK) {
+        pconn__mutex_lock(&srv->mutex);
+        srv->readers--;
+        pconn__mutex_unlock(&srv->mutex);
+    }
+    if (rc != PCONN_OK) {
+        if (rc != PCONN_ECLOSED)
+            pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "peer %s rejected: %s", pconn_conn_address(conn),
+                           err->message);
+        free(e);
+        pconn_conn_close(conn);
+        pconn_conn_unref(conn);
+        return;
+    }
+    e->conn = conn;
+    pconn__mutex_lock(&srv->mutex);
+    e->next = srv->conns;
+    srv->conns = e;
+    srv->nconns++;
+    pconn__mutex_unlock(&srv->mutex);
 }
 
-/* Handshakes one accepted connection, keeps it, then goes on as its reader. */
-static void *greet_main(void *arg)
+/* Takes g's handshake as far as it goes now; it waits in the epoll set for what it needs
+ * next, or ends. */
+static void greeting_step(pconn_rpc_server_t *srv, greeting_t *g)
 {
-    greeter_t *g = arg;
-    pconn_rpc_server_t *srv = g->srv;
-    pconn_conn_t *conn = NULL;
-    pconn_error_t err;
-    int64_t deadline = pconn__deadline_ns(srv->handshake_ms);
-    /* Counted before its reader can start, so that stop waits for it. */
-    pconn__mutex_lock(&srv->mutex);
-    srv->readers++;
-    pconn__mutex_unlock(&srv->mutex);
-    int rc = pconn__rpc_conn_open(g->fd, g->address, &srv->cfg, deadline, srv->stop_fd, NULL,
-                                  reader_exited, srv, &conn, &err);
-    if (rc != PCONN_OK && rc != PCONN_ECLOSED)
-        pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "peer %s rejected: %s", g->address, err.message);
-    entry_t *e = rc == PCONN_OK ? malloc(sizeof *e) : NULL;
-    bool kept = false;
-    pconn__mutex_lock(&srv->mutex);
-    if (rc != PCONN_OK)
-        srv->readers--; /* no reader was started */
-    if (e != NULL && !srv->stopping) {
-        e->conn = conn;
-        e->next = srv->conns;
-        srv->conns = e;
-        srv->nconns++;
-        e = NULL;
-        kept = true;
-        greeter_done_locked(srv);
+    pconn_error_t err = {0};
+    short ev = 0;
+    int rc = pconn__rpc_conn_step(g->conn, &ev, &err);
+    if (rc == RPC_HS_AGAIN && ev != g->events) {
+        struct epoll_event ee = {.events = (ev & POLLIN ? EPOLLIN : 0u) | (ev & POLLOUT ? EPOLLOUT : 0u),
+                                 .data.ptr = g};
+        if (epoll_ctl(srv->epfd, g->events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, g->fd, &ee) == 0)
+            g->events = ev;
+        else {
+            rc = PCONN_ENOMEM;
+            pconn_error_set(&err, rc, errno, "epoll_ctl");
+        }
     }
-    pconn__mutex_unlock(&srv->mutex);
-    free(e);
-    free(g);
-    if (kept) {
-        pconn__rpc_conn_read(conn); /* until the connection ends; then conn may be gone */
-        return NULL;
+    if (rc != RPC_HS_AGAIN)
+        greeting_end(srv, g, rc, &err);
+}
+
+/* The peers whose handshake deadline has passed are told so and dropped. */
+static void greetings_expire(pconn_rpc_server_t *srv)
+{
+    int64_t now = pconn__mono_ns();
+    while (srv->greet_first != NULL && srv->greet_first->deadline_ns <= now) {
+        pconn_error_t err = {0};
+        greeting_t *g = srv->greet_first;
+        greeting_end(srv, g, pconn__rpc_conn_expired(g->conn, &err), &err);
     }
-    if (rc == PCONN_OK) {
-        /* Stopping, or no memory: the connection goes before this greeter stops counting,
-         * so that stop does not return while it (and the user's transport) still live. */
-        pconn_conn_close(conn);
-        pconn__rpc_conn_read(conn); /* ends at once: its reference, reader_exited */
-        pconn__conn_release(conn);
-    }
-    pconn__mutex_lock(&srv->mutex);
-    greeter_done_locked(srv);
-    pconn__mutex_unlock(&srv->mutex);
-    return NULL;
 }
 
 /* Over max_connections: a CLOSE frame that says so (the client reports it as the reason
@@ -216,20 +236,86 @@ static void refuse(int fd, int limit)
     close(fd);
 }
 
+/* Accepts one peer and starts its handshake. false: out of descriptors or memory. */
+static bool accept_one(pconn_rpc_server_t *srv)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int fd = accept4(srv->lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM)
+            return true;
+        pconn__rpc_log(&srv->cfg, PCONN_LOG_ERROR, "accept on %s: %s; not accepting for %d ms", srv->address,
+                       strerror(e), EMFILE_BACKOFF_MS);
+        return false;
+    }
+    pconn__mutex_lock(&srv->mutex);
+    bool full = srv->max_connections > 0 && srv->nconns + srv->ngreetings >= srv->max_connections;
+    pconn__mutex_unlock(&srv->mutex);
+    if (full) {
+        refuse(fd, srv->max_connections);
+        pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "a peer refused: too many connections (limit %d)",
+                       srv->max_connections);
+        return true;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* Messages about the connection name its peer. */
+    char address[PCONN_ADDRESS_MAX], host[64], port[16];
+    if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
+        getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, port, sizeof port,
+                    NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+        snprintf(address, sizeof address, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, port);
+    else
+        snprintf(address, sizeof address, "a unix peer");
+    greeting_t *g = malloc(sizeof *g);
+    pconn_conn_t *conn = NULL;
+    pconn_error_t err = {0};
+    if (g == NULL) {
+        close(fd);
+        return false;
+    }
+    if (pconn__rpc_conn_accept(fd, address, &srv->cfg, &conn, &err) != PCONN_OK) {
+        pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "peer %s rejected: %s", address, err.message);
+        free(g);
+        return err.code != PCONN_ENOMEM;
+    }
+    *g = (greeting_t){.conn = conn, .fd = fd, .deadline_ns = pconn__deadline_ns(srv->handshake_ms),
+                      .prev = srv->greet_last};
+    *(g->prev != NULL ? &g->prev->next : &srv->greet_first) = g;
+    srv->greet_last = g;
+    pconn__mutex_lock(&srv->mutex);
+    srv->ngreetings++;
+    pconn__mutex_unlock(&srv->mutex);
+    greeting_step(srv, g); /* our HELLO goes out now */
+    return true;
+}
+
+/* Markers of the two descriptors in the epoll set that are not handshakes. */
+static char mark_listen, mark_wake;
+
 static void *accept_main(void *arg)
 {
     pconn_rpc_server_t *srv = arg;
     int64_t backoff_until = 0;
+    bool listening = true;
+    struct epoll_event evs[64];
     for (;;) {
-        pconn__mutex_lock(&srv->mutex);
-        bool room = srv->greeters < MAX_GREETERS;
-        pconn__mutex_unlock(&srv->mutex);
         /* Out of descriptors (EMFILE): the listener stays readable, so it is left out of
-         * the poll for a while instead of spinning (issue 9, defect 6); a closing
-         * connection wakes us earlier. */
+         * the set for a while instead of spinning (issue 9, defect 6); a closing
+         * connection ends that earlier. */
         int64_t now = pconn__mono_ns();
         bool backoff = now < backoff_until;
-        int timeout = backoff ? pconn__poll_timeout_ms(backoff_until) : -1;
+        if (backoff == listening) {
+            struct epoll_event ee = {.events = backoff ? 0u : EPOLLIN, .data.ptr = &mark_listen};
+            epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->lfd, &ee);
+            listening = !backoff;
+        }
+        int64_t until = backoff ? backoff_until : INT64_MAX;
+        if (srv->greet_first != NULL && srv->greet_first->deadline_ns < until)
+            until = srv->greet_first->deadline_ns;
+        int timeout = until == INT64_MAX ? -1 : pconn__poll_timeout_ms(until);
         /* While a handler runs on a reading thread, tick to see whether it is slow. */
         atomic_store(&srv->watch.sleeping, true);
         if (atomic_load(&srv->watch.busy) > 0) {
@@ -237,19 +323,16 @@ static void *accept_main(void *arg)
             if (timeout < 0 || timeout > RPC_INLINE_SLOW_MS / 2)
                 timeout = RPC_INLINE_SLOW_MS / 2;
         }
-        short lev = backoff || !room ? 0 : POLLIN;
-        struct pollfd pfd[2] = {{.fd = srv->wake_fd, .events = POLLIN}, {.fd = srv->lfd, .events = lev}};
-        int prc = poll(pfd, 2, timeout);
+        int n = epoll_wait(srv->epfd, evs, (int)(sizeof evs / sizeof evs[0]), timeout);
         atomic_store(&srv->watch.sleeping, false);
-        if (prc < 0 && errno != EINTR)
+        if (n < 0 && errno != EINTR)
             break;
         if (atomic_load(&srv->watch.busy) > 0)
             hand_off_slow(srv);
+        pconn__wake_drain(srv->wake_fd);
         entry_t *dead = NULL;
         pconn__mutex_lock(&srv->mutex);
         bool stopping = srv->stopping;
-        if (pfd[0].revents)
-            pconn__wake_drain(srv->wake_fd);
         reap_locked(srv, &dead);
         pconn__mutex_unlock(&srv->mutex);
         if (dead != NULL)
@@ -257,59 +340,21 @@ static void *accept_main(void *arg)
         free_entries(dead);
         if (stopping)
             break;
-        if (!(pfd[1].revents & POLLIN))
-            continue;
-        struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd = accept4(srv->lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
-        if (fd < 0) {
-            int e = errno;
-            bool out_of = e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
-            if (out_of) {
-                backoff_until = pconn__mono_ns() + (int64_t)EMFILE_BACKOFF_MS * 1000000;
-                pconn__rpc_log(&srv->cfg, PCONN_LOG_ERROR, "accept on %s: %s; not accepting for %d ms",
-                               srv->address, strerror(e), EMFILE_BACKOFF_MS);
-            }
-            continue;
+        bool incoming = false;
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr == &mark_listen)
+                incoming = true;
+            else if (evs[i].data.ptr != &mark_wake)
+                greeting_step(srv, evs[i].data.ptr);
         }
-        pconn__mutex_lock(&srv->mutex);
-        bool full = srv->max_connections > 0 && srv->nconns + srv->greeters >= srv->max_connections;
-        pconn__mutex_unlock(&srv->mutex);
-        if (full) {
-            refuse(fd, srv->max_connections);
-            pconn__rpc_log(&srv->cfg, PCONN_LOG_WARNING, "a peer refused: too many connections (limit %d)",
-                           srv->max_connections);
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        greeter_t *g = malloc(sizeof *g);
-        if (g == NULL) {
-            close(fd);
-            continue;
-        }
-        g->srv = srv;
-        g->fd = fd;
-        /* Messages about the connection name its peer. */
-        char host[64], port[16];
-        if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
-            getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, port, sizeof port,
-                        NI_NUMERICHOST | NI_NUMERICSERV) == 0)
-            snprintf(g->address, sizeof g->address, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, port);
-        else
-            snprintf(g->address, sizeof g->address, "a unix peer");
-        pthread_t t;
-        pconn__mutex_lock(&srv->mutex);
-        srv->greeters++;
-        pconn__mutex_unlock(&srv->mutex);
-        /* The default stack: handlers run on it once the handshake is done. */
-        if (pconn__thread_start(&t, greet_main, g, 0, true) != 0) {
-            pconn__mutex_lock(&srv->mutex);
-            srv->greeters--;
-            pconn__mutex_unlock(&srv->mutex);
-            close(fd);
-            free(g);
-        }
+        greetings_expire(srv);
+        if (incoming && !accept_one(srv))
+            backoff_until = pconn__mono_ns() + (int64_t)EMFILE_BACKOFF_MS * 1000000;
+    }
+    /* Stopping: every handshake under way ends now (issue 9, defect 5). */
+    while (srv->greet_first != NULL) {
+        pconn_error_t err = {.code = PCONN_ECLOSED};
+        greeting_end(srv, srv->greet_first, PCONN_ECLOSED, &err);
     }
     return NULL;
 }
@@ -349,7 +394,11 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     }
     pconn_tcp_local_address(srv->lfd, srv->address, sizeof srv->address);
     srv->wake_fd = pconn__wake_fd_new();
-    srv->stop_fd = pconn__wake_fd_new();
+    srv->epfd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &mark_listen};
+    struct epoll_event wev = {.events = EPOLLIN, .data.ptr = &mark_wake};
+    bool set = srv->epfd >= 0 && srv->wake_fd >= 0 && epoll_ctl(srv->epfd, EPOLL_CTL_ADD, srv->lfd, &lev) == 0 &&
+               epoll_ctl(srv->epfd, EPOLL_CTL_ADD, srv->wake_fd, &wev) == 0;
     srv->max_connections = opts->max_connections > 0 ? opts->max_connections : 0;
     pthread_mutex_init(&srv->mutex, NULL);
     pthread_cond_init(&srv->cond, NULL);
@@ -370,15 +419,15 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->cfg.reader_count = reader_count;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
-    int prc = srv->wake_fd >= 0 && srv->stop_fd >= 0 && srv->cfg.pool != NULL && srv->cfg.stats != NULL
+    int prc = set && srv->cfg.pool != NULL && srv->cfg.stats != NULL
                   ? pconn__thread_start(&srv->acceptor, accept_main, srv, 0, false)
                   : -1;
     if (prc != 0) {
         pconn__rpc_pool_release(srv->cfg.pool);
         if (srv->wake_fd >= 0)
             close(srv->wake_fd);
-        if (srv->stop_fd >= 0)
-            close(srv->stop_fd);
+        if (srv->epfd >= 0)
+            close(srv->epfd);
         close(srv->lfd);
         pconn_rpc_impls_free(srv->cfg.impls);
         pconn__rpc_stats_unref(srv->cfg.stats);
@@ -405,16 +454,12 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     pconn__mutex_lock(&srv->mutex);
     srv->stopping = true;
     pconn__mutex_unlock(&srv->mutex);
-    pconn__wake(srv->stop_fd); /* every handshake under way ends now (issue 9, defect 5) */
-    pconn__wake(srv->wake_fd);
+    pconn__wake(srv->wake_fd); /* the acceptor ends every handshake under way, and itself */
     pthread_join(srv->acceptor, NULL);
     close(srv->lfd);
     if (strncmp(srv->address, "unix:/", 6) == 0)
         unlink(srv->address + 5);
-    /* Handshakes under way end at once: they watch stop_fd. */
     pconn__mutex_lock(&srv->mutex);
-    while (srv->greeters > 0)
-        pthread_cond_wait(&srv->cond, &srv->mutex);
     entry_t *all = srv->conns;
     srv->conns = NULL;
     pconn__mutex_unlock(&srv->mutex);
@@ -432,7 +477,7 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     pconn_rpc_impls_free(srv->cfg.impls);   /* the server's reference */
     pconn__rpc_stats_unref(srv->cfg.stats);
     close(srv->wake_fd);
-    close(srv->stop_fd);
+    close(srv->epfd);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mutex);
     pconn__tls_endpoint_free(srv->tls); /* connections still referenced hold their own */
@@ -444,7 +489,7 @@ char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv)
     if (srv == NULL)
         return NULL;
     pconn__mutex_lock(&srv->mutex);
-    int conns = srv->nconns, greeters = srv->greeters;
+    int conns = srv->nconns, greeters = srv->ngreetings;
     pconn__mutex_unlock(&srv->mutex);
     json_t *o = json_pack("{s:s,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
                           "handshakes", greeters, "handlers_busy",

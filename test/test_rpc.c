@@ -1639,6 +1639,64 @@ static void test_stop_with_silent_peer(void)
     pconn_rpc_impls_free(impls);
 }
 
+/* Threads of this process now. */
+static int thread_count(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[128];
+    int n = -1;
+    while (f != NULL && fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "Threads: %d", &n) == 1)
+            break;
+    if (f != NULL)
+        fclose(f);
+    return n;
+}
+
+/* One thread drives every handshake: 100 peers that connect, read the server's HELLO
+ * and say nothing cost the server no thread, are counted in its stats, and a client
+ * that comes after them is served at once. Before: a thread per handshake, at most 64
+ * at once, so the client waited in the backlog for the handshake timeout (a minute). */
+#define SILENT_PEERS 100
+static void test_silent_peers_cost_no_thread(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .handshake_timeout_ms = 60000};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    int before = thread_count();
+    pconn_conn_t *peer[SILENT_PEERS];
+    for (int i = 0; i < SILENT_PEERS; i++) {
+        CU_ASSERT_EQUAL_FATAL(pconn_tcp_connect(NULL, address, &peer[i], NULL), PCONN_OK);
+        unsigned char hello[16]; /* the server's HELLO: its handshake is under way */
+        CU_ASSERT_EQUAL(recv(pconn_tcp_fd(peer[i]), hello, sizeof hello, MSG_WAITALL), (ssize_t)sizeof hello);
+    }
+    CU_ASSERT(thread_count() - before < 8); /* none per peer (before: 64) */
+    char *stats = pconn_rpc_server_stats_json(srv);
+    CU_ASSERT_PTR_NOT_NULL(stats != NULL ? strstr(stats, "\"handshakes\":100,") : NULL);
+    free(stats);
+    recorder_t rec;
+    rec_init(&rec);
+    pconn_rpc_options_t o = client_options(&rec, &address, 1);
+    o.handshake_timeout_ms = WAIT_MS;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "echo", 1, "after", 5, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    pconn_free(pc);
+    rec_destroy(&rec);
+    pconn_rpc_server_stop(srv); /* ends the 100 handshakes at once */
+    for (int i = 0; i < SILENT_PEERS; i++) {
+        unsigned char b;
+        CU_ASSERT_EQUAL(recv(pconn_tcp_fd(peer[i]), &b, 1, 0), 0); /* closed, no CLOSE frame */
+        pconn_conn_unref(peer[i]);
+    }
+    pconn_rpc_impls_free(impls);
+}
+
 /* max_connections: the peer over the limit is told why, in its handshake's error. */
 static void test_max_connections(void)
 {
@@ -1914,6 +1972,79 @@ static void test_call_timeout_covers_sending(void)
     rec_destroy(&rec);
 }
 
+/* Calls with timeout 0 never break the connection: a caller past its deadline still
+ * takes what has arrived, so the answers of abandoned calls do not pile up until the
+ * server stops reading. After 20,000 of them (1 KiB each way: more than the socket
+ * buffers hold) the connection is up and the next call gets its own answer. Before:
+ * nothing read the answers, and within some 8,000 calls a request went out half and
+ * the connection was closed ("a request left half-sent"). */
+static void test_timeout_zero_calls(void)
+{
+    fixture_t f;
+    setup(&f);
+    static char req[1024];
+    int other = 0;
+    for (int i = 0; i < 20000 && other == 0; i++) {
+        pconn_buf_t resp;
+        int rc = pconn_rpc_call(f.conn, "echo", 1, req, sizeof req, &resp, 0, NULL);
+        if (rc == PCONN_OK)
+            pconn_buf_free(&resp);
+        else if (rc != PCONN_ETIMEDOUT)
+            other++;
+    }
+    CU_ASSERT_EQUAL(other, 0);
+    CU_ASSERT_FALSE(pconn_conn_is_closed(f.conn));
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(f.conn, "echo", 1, "after", 5, &resp, WAIT_MS, NULL), PCONN_OK);
+    CU_ASSERT(resp.len == 5 && memcmp(resp.data, "after", 5) == 0);
+    pconn_buf_free(&resp);
+    teardown(&f);
+}
+
+/* After the client's first query: queries for a method the client does not have, as
+ * fast as the socket takes them, reading nothing. */
+static void deaf_asker(raw_peer_t *p, int fd)
+{
+    unsigned char first[64];
+    if (recv(fd, first, sizeof first, 0) <= 0)
+        return;
+    size_t len;
+    unsigned char *q = queries(1000, "nope", &len);
+    while (!atomic_load(&p->stop) && send(fd, q, len, MSG_NOSIGNAL) == (ssize_t)len)
+        ;
+    free(q);
+}
+
+/* A peer that floods the client with queries and never reads the answers: a call still
+ * ends at its own timeout, with PCONN_ETIMEDOUT. Before: the calling thread, reading for
+ * everyone, wrote those answers ("no such method") itself, with the heartbeat timeout
+ * as its deadline: a 300 ms call took the whole 10 s. */
+static void test_call_deadline_against_deaf_asker(void)
+{
+    raw_peer_t d;
+    raw_peer_start(&d, deaf_asker);
+    int small = 4096;
+    setsockopt(d.lfd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    recorder_t rec;
+    rec_init(&rec);
+    const char *list[] = {d.address};
+    pconn_rpc_options_t o = client_options(&rec, list, 1);
+    o.heartbeat.timeout_ms = 10000;
+    pconn_t *pc = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_buf_t resp;
+    pconn_error_t err;
+    int64_t t0 = pconn_clock_now(NULL);
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "x", 1, &resp, 300, &err), PCONN_ETIMEDOUT);
+    CU_ASSERT((pconn_clock_now(NULL) - t0) / 1000000 < 5000); /* half the heartbeat timeout */
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    raw_peer_stop(&d);
+    rec_destroy(&rec);
+}
+
 /* ---- pipelining for one thread: pconn_rpc_call_many ----------------------------- */
 
 /* 16 calls in one batch through a counting transport: one write carries them all, and
@@ -2131,6 +2262,9 @@ static const test_def_t tests[] = {
     {"free_from_client_handler", test_free_from_client_handler},
     {"close_interrupts_handshake", test_close_interrupts_handshake},
     {"stop_with_silent_peer", test_stop_with_silent_peer},
+    {"timeout_zero_calls", test_timeout_zero_calls},
+    {"call_deadline_against_deaf_asker", test_call_deadline_against_deaf_asker},
+    {"silent_peers_cost_no_thread", test_silent_peers_cost_no_thread},
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
     {"call_timeout_covers_sending", test_call_timeout_covers_sending},
