@@ -132,7 +132,14 @@ typedef struct rpc_config_t {
     /* Server, called with the exit_arg: +1, a new reading thread is about to start
      * (false: don't); -1, it could not start after all. */
     bool (*reader_count)(void *arg, int delta);
+    /* Server: a reading thread that has read nothing for RPC_PARK_MS gives its
+     * connection, with the reading role and its reference, to park(exit_arg, conn) and
+     * ends; no thread serves the connection until bytes other than heartbeats come
+     * (see pconn__rpc_conn_parked()). */
+    void (*park)(void *arg, pconn_conn_t *conn);
 } rpc_config_t;
+
+#define RPC_PARK_MS 250
 
 /* Calls cfg->on_log, if set, with a formatted line. */
 PCONN_HIDDEN void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
@@ -166,6 +173,19 @@ PCONN_HIDDEN int pconn__rpc_conn_step(pconn_conn_t *conn, short *events, pconn_e
 PCONN_HIDDEN int pconn__rpc_conn_expired(pconn_conn_t *conn, pconn_error_t *err);
 PCONN_HIDDEN int pconn__rpc_conn_serve(pconn_conn_t *conn, void (*on_reader_exit)(void *), void *exit_arg,
                                        pconn_error_t *err);
+/* Server, for a parked connection (the caller holds its reading role): reads what has
+ * come, without waiting (readable: its fd polled readable), answers to nothing but
+ * heartbeats, and keeps the heartbeats (sends ours when due, ends it when the peer's
+ * are overdue). RPC_PARKED: stay parked, until *next_ns at the latest; RPC_UNPARK: a
+ * frame to serve is in, pconn__rpc_conn_unpark() it; RPC_ENDED: the connection failed
+ * or was closed, and its reading role has ended (on_reader_exit was called). */
+enum { RPC_PARKED, RPC_UNPARK, RPC_ENDED };
+PCONN_HIDDEN int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns);
+/* Server: a parked connection's reading role goes to a new thread; if none can be
+ * started, the connection fails and its role ends. */
+PCONN_HIDDEN void pconn__rpc_conn_unpark(pconn_conn_t *conn);
+/* Server: a parked connection is closed and its reading role ends (the server stops). */
+PCONN_HIDDEN void pconn__rpc_conn_parked_end(pconn_conn_t *conn);
 /* Server: when the handler running on conn's reading thread is still the one that
  * started at since_ns, hands the reading role to a new thread (the old one answers its
  * query and ends). true if it did; false also when conn is closed. */

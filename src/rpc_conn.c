@@ -202,6 +202,7 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->on_log_arg = NULL;
     cfg->watch = NULL;
     cfg->reader_count = NULL;
+    cfg->park = NULL;
 }
 
 void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
@@ -492,13 +493,14 @@ static void fail(rpc_conn_t *c, int code, const char *fmt, ...)
 
 /* What the reading role's waits say besides pconn codes: a leading caller's deadline
  * passed; the watcher was kicked; a frame a caller may not read is next; the watcher
- * lets go, as callers wait. */
-enum { RD_DEADLINE = -100, RD_KICKED = -101, RD_BIG = -102, RD_YIELD = -103 };
+ * lets go, as callers wait; a server's reading thread has been idle for RPC_PARK_MS. */
+enum { RD_DEADLINE = -100, RD_KICKED = -101, RD_BIG = -102, RD_YIELD = -103, RD_PARK = -104 };
 
 /* Waits until the fd is readable, sending heartbeats when due. PCONN_OK, or
- * PCONN_ETIMEDOUT (heartbeat timeout), RD_DEADLINE (a leading
- * caller's deadline), RD_KICKED (the watcher's kick fd). */
-static int wait_readable(rpc_conn_t *c)
+ * PCONN_ETIMEDOUT (heartbeat timeout), RD_DEADLINE (a leading caller's deadline),
+ * RD_KICKED (the watcher's kick fd), RD_PARK (may_park: between frames, a server's
+ * reading thread idle for RPC_PARK_MS, no call of ours waiting). */
+static int wait_readable(rpc_conn_t *c, bool may_park)
 {
     for (;;) {
         if (c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
@@ -524,6 +526,19 @@ static int wait_readable(rpc_conn_t *c)
             c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
         }
         int64_t until = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
+        if (may_park && c->cfg.park != NULL && c->rpos == c->rlen) {
+            int64_t park_at = after_ms(c->last_recv_ns, RPC_PARK_MS);
+            if (now >= park_at) {
+                pconn__mutex_lock(&c->lock);
+                bool calls = c->pending != NULL;
+                pconn__mutex_unlock(&c->lock);
+                if (!calls)
+                    return RD_PARK;
+                park_at = after_ms(now, RPC_PARK_MS);
+            }
+            if (park_at < until)
+                until = park_at;
+        }
         if (c->lead_deadline_ns != 0) {
             if (now >= c->lead_deadline_ns) {
                 /* Past its deadline a caller still takes what has arrived, once: a
@@ -575,7 +590,7 @@ static int read_exact(rpc_conn_t *c, void *dst, size_t len, int *sys_errno)
             len -= n;
             continue;
         }
-        int rc = wait_readable(c);
+        int rc = wait_readable(c, false);
         if (rc == RD_KICKED) { /* the watcher finishes the frame it is in first */
             kick_taken(c);
             continue;
@@ -765,7 +780,7 @@ static int next_frame(rpc_conn_t *c, rpc_msg_t *m, uint8_t **owned, uint64_t *bi
             c->rpos = 0;
             c->rlen = have;
         }
-        int rc = wait_readable(c);
+        int rc = wait_readable(c, true);
         if (rc == RD_KICKED) {
             kick_taken(c);
             continue;
@@ -1068,7 +1083,7 @@ static int read_one(rpc_conn_t *c, uint64_t me)
     int sys_errno = 0;
     char why[128] = "";
     int rc = next_frame(c, &m, &owned, &big, head, &head_len, why, sizeof why, &sys_errno);
-    if (rc <= RD_DEADLINE && rc >= RD_YIELD)
+    if (rc <= RD_DEADLINE && rc >= RD_PARK)
         return rc;
     return handle_frame(c, me, rc, &m, owned, big, head, head_len, why, sizeof why, sys_errno);
 }
@@ -1265,6 +1280,12 @@ static void *reader_main(void *arg)
     int a;
     while ((a = read_one(c, me)) == FRAME_GO_ON)
         ;
+    if (a == RD_PARK) {
+        /* Idle: the role and this thread's reference go to the server's poller. */
+        tl_reader = NULL;
+        c->cfg.park(c->exit_arg, c->conn);
+        return NULL;
+    }
     if (a == FRAME_LEFT) {
         /* The role went on without this thread: it leaves with its reference. */
         void (*on_exit)(void *) = c->on_reader_exit;
@@ -1279,6 +1300,78 @@ static void *reader_main(void *arg)
     reader_exit(c);
     tl_reader = NULL;
     return NULL;
+}
+
+/* ---- server: parked connections ------------------------------------------------ */
+
+/* The reading role of a parked connection ends, the connection having failed. */
+static int parked_ended(rpc_conn_t *c)
+{
+    free_answers(c);
+    reader_exit(c);
+    return RPC_ENDED;
+}
+
+int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns)
+{
+    rpc_conn_t *c = pconn_conn_impl(conn);
+    int rc = atomic_load(&c->dead) ? PCONN_EIO : PCONN_OK, sys_errno = 0;
+    if (c->rpos == c->rlen)
+        c->rpos = c->rlen = 0;
+    while (rc == PCONN_OK && readable && c->rlen < READ_BUF) {
+        ssize_t r = raw_read(c, c->rbuf + c->rlen, READ_BUF - c->rlen);
+        if (r > 0) {
+            c->rlen += (size_t)r;
+            c->last_recv_ns = pconn__mono_ns();
+        } else if (r < 0 && errno == EAGAIN) {
+            break;
+        } else if (r <= 0 && !(r < 0 && errno == EINTR)) {
+            sys_errno = r < 0 ? errno : 0;
+            rc = PCONN_EIO;
+        }
+    }
+    /* Heartbeats are all a parked connection takes in; anything else wants a thread. */
+    while (c->rlen - c->rpos >= 9 && pconn__get_u64(c->rbuf + c->rpos) == 1 && c->rbuf[c->rpos + 8] == RPC_HEARTBEAT)
+        c->rpos += 9;
+    if (c->rpos == c->rlen)
+        c->rpos = c->rlen = 0;
+    if (rc == PCONN_OK && (c->rlen > 0 || (c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
+                                           c->cfg.transport->pending(c->session) > 0)))
+        return RPC_UNPARK;
+    int64_t now = pconn__mono_ns(), dead_at = after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
+    if (rc == PCONN_OK && now >= dead_at)
+        rc = PCONN_ETIMEDOUT;
+    if (rc == PCONN_OK && now >= c->next_send_ns) {
+        uint8_t h[9];
+        frame_head(h, RPC_HEARTBEAT, 0, 0);
+        if (write_frame(c, h, sizeof h, NULL, 0, 0) == WF_TIMEOUT_MIDFRAME)
+            rc = PCONN_EIO;
+        c->next_send_ns = after_ms(now, c->cfg.hb_every_ms);
+    }
+    if (rc != PCONN_OK) {
+        char why[8] = "";
+        handle_frame(c, 0, rc, NULL, NULL, 0, NULL, 0, why, sizeof why, sys_errno); /* fails it */
+        return parked_ended(c);
+    }
+    *next_ns = dead_at < c->next_send_ns ? dead_at : c->next_send_ns;
+    return RPC_PARKED;
+}
+
+void pconn__rpc_conn_unpark(pconn_conn_t *conn)
+{
+    rpc_conn_t *c = pconn_conn_impl(conn);
+    pthread_t t;
+    /* The default stack, as handlers run on it. */
+    if (pconn__thread_start(&t, reader_main, c, 0, true) == 0)
+        return;
+    fail(c, PCONN_ENOMEM, "no thread to read the connection");
+    parked_ended(c);
+}
+
+void pconn__rpc_conn_parked_end(pconn_conn_t *conn)
+{
+    pconn_conn_close(conn);
+    parked_ended(pconn_conn_impl(conn));
 }
 
 /* ---- the connection type ------------------------------------------------------- */

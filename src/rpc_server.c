@@ -28,14 +28,29 @@ typedef struct entry_t {
     struct entry_t *next;
 } entry_t;
 
+/* What an epoll event of a connection points to: one of these two, by kind. */
+enum { KIND_GREETING = 1, KIND_PARKED };
+
 /* A connection in its handshake; the accepting thread's alone. */
 typedef struct greeting_t {
+    int kind;            /* KIND_GREETING */
     pconn_conn_t *conn;  /* the only reference */
     int fd;
     short events;        /* what the epoll set watches it for; 0: not in the set yet */
     int64_t deadline_ns;
     struct greeting_t *prev, *next; /* oldest first: the first deadline first */
 } greeting_t;
+
+/* A connection no thread reads (idle for RPC_PARK_MS): the accepting thread watches it
+ * for bytes and keeps its heartbeats, in a heap by the next heartbeat check. */
+typedef struct parked_t {
+    int kind;            /* KIND_PARKED */
+    pconn_conn_t *conn;  /* its reading role, and the role's reference */
+    int fd;
+    int64_t next_ns;     /* its next heartbeat check */
+    size_t at;           /* its index in the heap */
+    struct parked_t *next; /* in srv->parking, before the accepting thread takes it */
+} parked_t;
 
 struct pconn_rpc_server_t {
     int lfd;
@@ -53,7 +68,11 @@ struct pconn_rpc_server_t {
     entry_t *conns;
     int nconns;           /* in conns */
     int ngreetings;       /* handshakes under way (written by the accepting thread) */
-    int readers;          /* connection readers still running: they call back into us */
+    int readers;          /* reading roles (threads, or parked): they call back into us */
+    parked_t *parking;    /* given up by their reading threads, for the accepting thread */
+    int nparked;          /* in the heap (written by the accepting thread) */
+    parked_t **heap;      /* the accepting thread's: parked connections, next_ns first */
+    size_t nheap, heap_cap;
     bool stopping;
     rpc_watch_t watch;
 };
@@ -140,6 +159,125 @@ static void hand_off_slow(pconn_rpc_server_t *srv)
         pconn_conn_unref(slow[i].conn);
     }
     free(slow);
+}
+
+/* ---- parked connections, on the accepting thread ---- */
+
+static void heap_swap(pconn_rpc_server_t *srv, size_t i, size_t j)
+{
+    parked_t *t = srv->heap[i];
+    srv->heap[i] = srv->heap[j];
+    srv->heap[j] = t;
+    srv->heap[i]->at = i;
+    srv->heap[j]->at = j;
+}
+
+/* Restores the heap's order around index i. */
+static void heap_fix(pconn_rpc_server_t *srv, size_t i)
+{
+    while (i > 0 && srv->heap[(i - 1) / 2]->next_ns > srv->heap[i]->next_ns) {
+        heap_swap(srv, i, (i - 1) / 2);
+        i = (i - 1) / 2;
+    }
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < srv->nheap && srv->heap[l]->next_ns < srv->heap[m]->next_ns)
+            m = l;
+        if (r < srv->nheap && srv->heap[r]->next_ns < srv->heap[m]->next_ns)
+            m = r;
+        if (m == i)
+            return;
+        heap_swap(srv, i, m);
+        i = m;
+    }
+}
+
+/* p leaves the epoll set and the heap; its connection is the caller's to go on with. */
+static pconn_conn_t *unpark_take(pconn_rpc_server_t *srv, parked_t *p)
+{
+    pconn_conn_t *conn = p->conn;
+    epoll_ctl(srv->epfd, EPOLL_CTL_DEL, p->fd, NULL);
+    size_t i = p->at;
+    heap_swap(srv, i, --srv->nheap);
+    if (i < srv->nheap)
+        heap_fix(srv, i);
+    pconn__mutex_lock(&srv->mutex);
+    srv->nparked--;
+    pconn__mutex_unlock(&srv->mutex);
+    free(p);
+    return conn;
+}
+
+/* A parked connection's bytes came in (readable) or its heartbeat check is due: it
+ * stays parked, gets a reading thread again, or has ended. */
+static void parked_check(pconn_rpc_server_t *srv, parked_t *p, bool readable)
+{
+    int64_t next = 0;
+    int r = pconn__rpc_conn_parked(p->conn, readable, &next);
+    if (r == RPC_PARKED) {
+        p->next_ns = next;
+        heap_fix(srv, p->at);
+        return;
+    }
+    pconn_conn_t *conn = unpark_take(srv, p);
+    if (r == RPC_UNPARK)
+        pconn__rpc_conn_unpark(conn);
+}
+
+/* Takes in the connections their reading threads gave up. */
+static void parked_take_in(pconn_rpc_server_t *srv, parked_t *list)
+{
+    while (list != NULL) {
+        parked_t *p = list;
+        list = p->next;
+        bool room = srv->nheap < srv->heap_cap;
+        if (!room) {
+            size_t cap = srv->heap_cap ? 2 * srv->heap_cap : 64;
+            parked_t **h = realloc(srv->heap, cap * sizeof *h);
+            if (h != NULL) {
+                srv->heap = h;
+                srv->heap_cap = cap;
+                room = true;
+            }
+        }
+        struct epoll_event ee = {.events = EPOLLIN, .data.ptr = p};
+        p->fd = pconn__conn_fd(p->conn);
+        p->next_ns = 0; /* checked at once: bytes may have come since */
+        if (!room || epoll_ctl(srv->epfd, EPOLL_CTL_ADD, p->fd, &ee) != 0) {
+            pconn_conn_t *conn = p->conn;
+            free(p);
+            pconn__rpc_conn_unpark(conn); /* a thread reads it after all */
+            continue;
+        }
+        p->at = srv->nheap;
+        srv->heap[srv->nheap++] = p;
+        heap_fix(srv, p->at);
+        pconn__mutex_lock(&srv->mutex);
+        srv->nparked++;
+        pconn__mutex_unlock(&srv->mutex);
+    }
+}
+
+/* cfg.park: a reading thread idle for RPC_PARK_MS gives its connection up. */
+static void park(void *arg, pconn_conn_t *conn)
+{
+    pconn_rpc_server_t *srv = arg;
+    parked_t *p = malloc(sizeof *p);
+    pconn__mutex_lock(&srv->mutex);
+    bool stopping = srv->stopping;
+    if (p != NULL && !stopping) {
+        *p = (parked_t){.kind = KIND_PARKED, .conn = conn, .next = srv->parking};
+        srv->parking = p;
+        pconn__wake(srv->wake_fd);
+    }
+    pconn__mutex_unlock(&srv->mutex);
+    if (p != NULL && !stopping)
+        return;
+    free(p);
+    if (stopping)
+        pconn__rpc_conn_parked_end(conn);
+    else
+        pconn__rpc_conn_unpark(conn); /* no memory: a thread goes on reading it */
 }
 
 /* ---- handshakes, all on the accepting thread ---- */
@@ -281,7 +419,7 @@ static bool accept_one(pconn_rpc_server_t *srv)
         free(g);
         return err.code != PCONN_ENOMEM;
     }
-    *g = (greeting_t){.conn = conn, .fd = fd, .deadline_ns = pconn__deadline_ns(srv->handshake_ms),
+    *g = (greeting_t){.kind = KIND_GREETING, .conn = conn, .fd = fd, .deadline_ns = pconn__deadline_ns(srv->handshake_ms),
                       .prev = srv->greet_last};
     *(g->prev != NULL ? &g->prev->next : &srv->greet_first) = g;
     srv->greet_last = g;
@@ -315,6 +453,8 @@ static void *accept_main(void *arg)
         int64_t until = backoff ? backoff_until : INT64_MAX;
         if (srv->greet_first != NULL && srv->greet_first->deadline_ns < until)
             until = srv->greet_first->deadline_ns;
+        if (srv->nheap > 0 && srv->heap[0]->next_ns < until)
+            until = srv->heap[0]->next_ns;
         int timeout = until == INT64_MAX ? -1 : pconn__poll_timeout_ms(until);
         /* While a handler runs on a reading thread, tick to see whether it is slow. */
         atomic_store(&srv->watch.sleeping, true);
@@ -334,7 +474,10 @@ static void *accept_main(void *arg)
         pconn__mutex_lock(&srv->mutex);
         bool stopping = srv->stopping;
         reap_locked(srv, &dead);
+        parked_t *parking = srv->parking;
+        srv->parking = NULL;
         pconn__mutex_unlock(&srv->mutex);
+        parked_take_in(srv, parking);
         if (dead != NULL)
             backoff_until = 0; /* descriptors came free */
         free_entries(dead);
@@ -344,14 +487,31 @@ static void *accept_main(void *arg)
         for (int i = 0; i < n; i++) {
             if (evs[i].data.ptr == &mark_listen)
                 incoming = true;
-            else if (evs[i].data.ptr != &mark_wake)
+            else if (evs[i].data.ptr != &mark_wake && *(int *)evs[i].data.ptr == KIND_GREETING)
                 greeting_step(srv, evs[i].data.ptr);
+            else if (evs[i].data.ptr != &mark_wake)
+                parked_check(srv, evs[i].data.ptr, true);
         }
         greetings_expire(srv);
+        for (int64_t t = pconn__mono_ns(); srv->nheap > 0 && srv->heap[0]->next_ns <= t;)
+            parked_check(srv, srv->heap[0], false);
         if (incoming && !accept_one(srv))
             backoff_until = pconn__mono_ns() + (int64_t)EMFILE_BACKOFF_MS * 1000000;
     }
-    /* Stopping: every handshake under way ends now (issue 9, defect 5). */
+    /* Stopping: the parked connections end here, as no thread will read them again. */
+    while (srv->nheap > 0)
+        pconn__rpc_conn_parked_end(unpark_take(srv, srv->heap[0]));
+    pconn__mutex_lock(&srv->mutex);
+    parked_t *parking = srv->parking;
+    srv->parking = NULL;
+    pconn__mutex_unlock(&srv->mutex);
+    while (parking != NULL) {
+        parked_t *p = parking;
+        parking = p->next;
+        pconn__rpc_conn_parked_end(p->conn);
+        free(p);
+    }
+    /* Every handshake under way ends now (issue 9, defect 5). */
     while (srv->greet_first != NULL) {
         pconn_error_t err = {.code = PCONN_ECLOSED};
         greeting_end(srv, srv->greet_first, PCONN_ECLOSED, &err);
@@ -417,6 +577,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->watch.wake_fd = srv->wake_fd;
     srv->cfg.watch = &srv->watch;
     srv->cfg.reader_count = reader_count;
+    srv->cfg.park = park;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = set && srv->cfg.pool != NULL && srv->cfg.stats != NULL
@@ -478,6 +639,7 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     pconn__rpc_stats_unref(srv->cfg.stats);
     close(srv->wake_fd);
     close(srv->epfd);
+    free(srv->heap);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mutex);
     pconn__tls_endpoint_free(srv->tls); /* connections still referenced hold their own */
@@ -489,10 +651,10 @@ char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv)
     if (srv == NULL)
         return NULL;
     pconn__mutex_lock(&srv->mutex);
-    int conns = srv->nconns, greeters = srv->ngreetings;
+    int conns = srv->nconns, greeters = srv->ngreetings, parked = srv->nparked;
     pconn__mutex_unlock(&srv->mutex);
-    json_t *o = json_pack("{s:s,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
-                          "handshakes", greeters, "handlers_busy",
+    json_t *o = json_pack("{s:s,s:i,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
+                          "handshakes", greeters, "parked", parked, "handlers_busy",
                           pconn__rpc_pool_busy(srv->cfg.pool) + atomic_load(&srv->watch.running));
     if (o == NULL)
         return NULL;

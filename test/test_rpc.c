@@ -1697,6 +1697,137 @@ static void test_silent_peers_cost_no_thread(void)
     pconn_rpc_impls_free(impls);
 }
 
+/* The server's stats value of key, or -1. */
+static int server_stat(pconn_rpc_server_t *srv, const char *key)
+{
+    char *text = pconn_rpc_server_stats_json(srv);
+    json_t *o = text != NULL ? json_loads(text, 0, NULL) : NULL;
+    int v = o != NULL && json_is_integer(json_object_get(o, key)) ? (int)json_integer_value(json_object_get(o, key)) : -1;
+    json_decref(o);
+    free(text);
+    return v;
+}
+
+/* Until the server's stats say key is want, for up to WAIT_MS. */
+static bool wait_stat(pconn_rpc_server_t *srv, const char *key, int want)
+{
+    int64_t until = pconn_clock_now(NULL) + (int64_t)WAIT_MS * 1000000;
+    while (server_stat(srv, key) != want) {
+        if (pconn_clock_now(NULL) > until)
+            return false;
+        struct timespec ms = {0, 1000000}; /* the poll's period, not a guess at a time */
+        nanosleep(&ms, NULL);
+    }
+    return true;
+}
+
+/* A raw peer after its handshake with the server at address, or NULL. */
+static pconn_conn_t *raw_hello(const char *address)
+{
+    pconn_conn_t *c = NULL;
+    unsigned char hello[16];
+    if (pconn_tcp_connect(NULL, address, &c, NULL) != PCONN_OK)
+        return NULL;
+    if (send(pconn_tcp_fd(c), good_hello, sizeof good_hello, MSG_NOSIGNAL) != (ssize_t)sizeof good_hello ||
+        recv(pconn_tcp_fd(c), hello, sizeof hello, MSG_WAITALL) != (ssize_t)sizeof hello) {
+        pconn_conn_unref(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* The next frame from fd into f (up to size bytes, length included) skipping
+ * heartbeats when asked: its type, or -1. */
+static int raw_frame(int fd, unsigned char *f, size_t size, bool skip_heartbeats)
+{
+    for (;;) {
+        if (recv(fd, f, 8, MSG_WAITALL) != 8)
+            return -1;
+        size_t n = 0;
+        for (int k = 0; k < 8; k++)
+            n = n << 8 | f[k];
+        if (n == 0 || n > size - 8 || recv(fd, f + 8, n, MSG_WAITALL) != (ssize_t)n)
+            return -1;
+        if (!skip_heartbeats || f[8] != 2)
+            return f[8];
+    }
+}
+
+/* One echo of "x" by a raw peer: true when its answer came. */
+static bool raw_echo(pconn_conn_t *c)
+{
+    size_t len;
+    unsigned char *q = queries(1, "echo", &len), f[64];
+    bool sent = send(pconn_tcp_fd(c), q, len, MSG_NOSIGNAL) == (ssize_t)len;
+    free(q);
+    return sent && raw_frame(pconn_tcp_fd(c), f, sizeof f, true) == 4 && f[21] == 'x';
+}
+
+/* An idle connection has no thread: 20 peers that each made a call and went quiet are
+ * parked with the accepting thread (the server's threads are as before they came), and
+ * each gets its next answer as before. */
+#define IDLE_PEERS 20
+static void test_idle_connections_park(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, LIMIT);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(srv);
+    const char *address = pconn_rpc_server_address(srv);
+    int before = thread_count();
+    pconn_conn_t *peer[IDLE_PEERS];
+    for (int i = 0; i < IDLE_PEERS; i++) {
+        peer[i] = raw_hello(address);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(peer[i]);
+        CU_ASSERT(raw_echo(peer[i]));
+    }
+    CU_ASSERT(wait_stat(srv, "parked", IDLE_PEERS));
+    CU_ASSERT(thread_count() - before < 4); /* none per connection (before: 20) */
+    for (int i = 0; i < IDLE_PEERS; i++)
+        CU_ASSERT(raw_echo(peer[i]));
+    CU_ASSERT_EQUAL(server_stat(srv, "connections"), IDLE_PEERS);
+    pconn_rpc_server_stop(srv); /* ends the parked ones too */
+    for (int i = 0; i < IDLE_PEERS; i++) {
+        unsigned char f[64];
+        CU_ASSERT_EQUAL(raw_frame(pconn_tcp_fd(peer[i]), f, sizeof f, true), -1); /* the end */
+        pconn_conn_unref(peer[i]);
+    }
+    pconn_rpc_impls_free(impls);
+}
+
+/* A parked connection keeps its heartbeats with no thread: the server's go on coming,
+ * the peer's keep it open without waking a thread, and when the peer goes silent the
+ * server says "heartbeat timeout" in a CLOSE and hangs up. */
+static void test_parked_connection_heartbeats(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .heartbeat = {.timeout_ms = 1000, .send_every_ms = 50}};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    pconn_conn_t *peer = raw_hello(pconn_rpc_server_address(srv));
+    CU_ASSERT_PTR_NOT_NULL_FATAL(peer);
+    int fd = pconn_tcp_fd(peer);
+    CU_ASSERT(raw_echo(peer));
+    CU_ASSERT(wait_stat(srv, "parked", 1));
+    unsigned char f[512];
+    static const unsigned char hb[9] = {0, 0, 0, 0, 0, 0, 0, 1, 2};
+    for (int i = 0; i < 30; i++) { /* 1.5 s of the server's heartbeats, each answered */
+        CU_ASSERT_EQUAL_FATAL(raw_frame(fd, f, sizeof f, false), 2);
+        CU_ASSERT_EQUAL(send(fd, hb, sizeof hb, MSG_NOSIGNAL), (ssize_t)sizeof hb);
+    }
+    CU_ASSERT_EQUAL(server_stat(srv, "parked"), 1);
+    CU_ASSERT_EQUAL(server_stat(srv, "connections"), 1);
+    CU_ASSERT_EQUAL(raw_frame(fd, f, sizeof f, true), 5); /* CLOSE, */
+    CU_ASSERT_EQUAL(f[12], PCONN_ETIMEDOUT);                /* its code's low byte */
+    CU_ASSERT(memmem(f, sizeof f, "heartbeat timeout", 17) != NULL);
+    CU_ASSERT_EQUAL(raw_frame(fd, f, sizeof f, true), -1);
+    CU_ASSERT(wait_stat(srv, "connections", 0));
+    CU_ASSERT_EQUAL(server_stat(srv, "parked"), 0);
+    pconn_conn_unref(peer);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
 /* max_connections: the peer over the limit is told why, in its handshake's error. */
 static void test_max_connections(void)
 {
@@ -2265,6 +2396,8 @@ static const test_def_t tests[] = {
     {"timeout_zero_calls", test_timeout_zero_calls},
     {"call_deadline_against_deaf_asker", test_call_deadline_against_deaf_asker},
     {"silent_peers_cost_no_thread", test_silent_peers_cost_no_thread},
+    {"idle_connections_park", test_idle_connections_park},
+    {"parked_connection_heartbeats", test_parked_connection_heartbeats},
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
     {"call_timeout_covers_sending", test_call_timeout_covers_sending},
