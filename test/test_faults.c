@@ -606,11 +606,77 @@ static void test_no_thread_for_a_call_back(void)
     pconn_rpc_impls_free(impls);
 }
 
+static int h_same(void *arg, const void *req, size_t len, pconn_buf_t *resp, pconn_error_t *err)
+{
+    (void)arg, (void)err;
+    return pconn_buf_append(resp, req, len);
+}
+
+static pthread_mutex_t warn_mutex = PTHREAD_MUTEX_INITIALIZER;
+static char warning[256];
+
+static void keep_warning(int level, const char *message, void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&warn_mutex);
+    if (level == PCONN_LOG_WARNING && warning[0] == '\0')
+        snprintf(warning, sizeof warning, "%s", message);
+    pthread_mutex_unlock(&warn_mutex);
+}
+
+/* A parked connection (idle: no thread reads it) whose next query finds that no thread
+ * can be created: the server closes that connection and says why in its log; the call
+ * fails with PCONN_EIO, and once threads can be made again the next call goes through
+ * a new connection. */
+static void test_no_thread_to_unpark(void)
+{
+    pconn_rpc_impls_t *impls = pconn_rpc_impls_new();
+    CU_ASSERT_EQUAL(pconn_rpc_impls_add(impls, "same", 1, h_same, NULL), PCONN_OK);
+    pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
+                                     .on_log = keep_warning};
+    pconn_rpc_server_t *srv = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
+    const char *address = pconn_rpc_server_address(srv);
+    pconn_rpc_options_t o = {.base = {.server_name = "park", .resolver = pconn_resolver_static(&address, 1)}};
+    pconn_t *pc = NULL;
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_buf_t resp;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "same", 1, "a", 1, &resp, WAIT_MS, NULL), PCONN_OK);
+    pconn_buf_free(&resp);
+    bool parked = false;
+    for (int64_t until = pconn_clock_now(NULL) + (int64_t)WAIT_MS * 1000000;
+         !parked && pconn_clock_now(NULL) < until;) {
+        char *stats = pconn_rpc_server_stats_json(srv);
+        parked = stats != NULL && strstr(stats, "\"parked\":1,") != NULL;
+        free(stats);
+        struct timespec ms = {0, 1000000}; /* the poll's period */
+        nanosleep(&ms, NULL);
+    }
+    CU_ASSERT_FATAL(parked);
+    atomic_store(&no_threads, true);
+    pconn_error_t err;
+    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "same", 1, "b", 1, &resp, WAIT_MS, &err), PCONN_EIO);
+    atomic_store(&no_threads, false);
+    pthread_mutex_lock(&warn_mutex);
+    CU_ASSERT_PTR_NOT_NULL(strstr(warning, "no thread to read the connection"));
+    pthread_mutex_unlock(&warn_mutex);
+    CU_ASSERT_EQUAL(pconn_rpc_dispatch(pc, "same", 1, "c", 1, &resp, WAIT_MS, NULL), PCONN_OK);
+    CU_ASSERT(resp.len == 1 && memcmp(resp.data, "c", 1) == 0);
+    pconn_buf_free(&resp);
+    pconn_conn_unref(conn);
+    pconn_free(pc);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
 static const test_def_t tests[] = {
     {"no_thread_for_anything", test_no_thread_for_anything},
     {"no_handler_thread", test_no_handler_thread},
     {"no_thread_for_a_hand_over", test_no_thread_for_a_hand_over},
     {"no_thread_for_a_call_back", test_no_thread_for_a_call_back},
+    {"no_thread_to_unpark", test_no_thread_to_unpark},
     {"syscall_faults", test_syscall_faults},
     {"signals_without_restart", test_signals_without_restart},
     {NULL, NULL},
