@@ -41,7 +41,7 @@ CFLAGS  += $(BASE) $(SAN)
 LDFLAGS += $(SAN) -pthread
 DEPLIBS := -lcurl -ljansson -lssl -lcrypto
 
-LIB_SRC := $(wildcard src/*.c resolvers/*.c)
+LIB_SRC := $(wildcard src/*.c src/rpc/*.c resolvers/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o)
 HEADERS := $(wildcard include/*.h)
 
@@ -73,7 +73,7 @@ lib: $(B)/libpconn.a $(B)/$(SONAME) $(B)/pconn.pc
 deps:
 	@test/deps.sh
 
-$(B)/%.o: %.c $(HEADERS) $(wildcard src/*.h resolvers/*.h test/*.h test/bench/*.h)
+$(B)/%.o: %.c $(HEADERS) $(wildcard src/*.h src/rpc/*.h resolvers/*.h test/*.h test/bench/*.h)
 	@mkdir -p $(dir $@)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(CFLAGS) -fPIC -c $< -o $@

@@ -2,7 +2,7 @@
  * The worker runs the cycle of DESIGN.md section 3; public calls take the mutex briefly.
  * Callbacks and user functions always run with the mutex released. */
 #include "internal.h"
-#include "rpc.h"
+#include "rpc/rpc.h"
 
 #include <errno.h>
 #include <poll.h>

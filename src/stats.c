@@ -1,6 +1,6 @@
 /* stats.c - the counters of pconns, RPC clients and RPC servers as JSON, one object
  * each, for people and monitoring (`pconn watch --json` prints the same). */
-#include "rpc.h"
+#include "rpc/rpc.h"
 #include "pconn_pool.h"
 
 #include <jansson.h>

@@ -1,6 +1,6 @@
 /* tcp.c - TCP and Unix stream connections: a cancellable non-blocking connect over every
  * address of a name, socket options, and the listening side servers and tests use. */
-#include "rpc.h"
+#include "rpc/rpc.h"
 #include "tls.h"
 
 #include <errno.h>

@@ -3,7 +3,7 @@
  * may read while another writes); failures in words; the peer's verified identity;
  * session resumption per pconn; the RPC transport and the persistent TLS connection
  * built on it. */
-#include "rpc.h"
+#include "rpc/rpc.h"
 #include "tls.h"
 
 #include <arpa/inet.h>

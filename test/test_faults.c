@@ -12,7 +12,7 @@
 #include "pconn_resolver.h"
 #include "pconn_rpc.h"
 #include "pconn_tcp.h"
-#include "../src/rpc.h"
+#include "../src/rpc/rpc.h"
 
 #include <errno.h>
 #include <poll.h>

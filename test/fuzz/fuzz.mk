@@ -13,7 +13,7 @@ $(F)/fuzz_catalog: test/fuzz/fuzz_catalog.c resolvers/catalog_parse.c src/addres
 	@mkdir -p $(F)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -ljansson
 
-$(F)/fuzz_frame: test/fuzz/fuzz_frame.c src/rpc_wire.c
+$(F)/fuzz_frame: test/fuzz/fuzz_frame.c src/rpc/wire.c
 	@mkdir -p $(F)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^
 

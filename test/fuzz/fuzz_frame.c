@@ -2,7 +2,7 @@
  * byte stream as a peer would send it; it is cut into frames the way the reader does
  * (a u64 length, refused over the limit before any allocation) and each payload goes
  * through the message decoder. */
-#include "rpc.h"
+#include "rpc/rpc.h"
 
 #include <stdint.h>
 #include <stdlib.h>

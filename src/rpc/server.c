@@ -1,8 +1,8 @@
-/* rpc_server.c - the server side. One accepting thread accepts, drives the handshakes
+/* server.c - the server side. One accepting thread accepts, drives the handshakes
  * of all new connections at once (none has a thread before its HELLO is in: a silent
  * peer costs a descriptor and a few KiB, and its deadline is on the same epoll set),
  * and is the watchdog of the handlers running on reading threads. Each connection whose
- * handshake is done gets a reading thread that runs its handlers (rpc_conn.c);
+ * handshake is done gets a reading thread that runs its handlers (serve.c);
  * blocking handlers run on a shared pool. */
 #include "rpc.h"
 #include "tls.h"

@@ -1,4 +1,4 @@
-/* rpc.h - what the RPC files share: the wire format (docs/protocol.md), the connection
+/* rpc.h - what the RPC files (src/rpc/) and the rest of the library share: the wire format (docs/protocol.md), the connection
  * type, the handler pool. Hidden from users. */
 #ifndef PCONN_RPC_INTERNAL_H
 #define PCONN_RPC_INTERNAL_H
@@ -100,7 +100,7 @@ PCONN_HIDDEN rpc_stats_t *pconn__rpc_client_stats(void *connect_arg, pconn_conne
 /* ---- connections ---- */
 
 /* A server's watch over the handlers its connections run on their reading threads (see
- * rpc_conn.c): busy counts those running that still hold their connection's reading
+ * serve.c): busy counts those running that still hold their connection's reading
  * (the ones the watchdog may have to hand off); running, all handlers running outside
  * the pool (for the stats). The watchdog (the server's accepting thread) sleeps without
  * a timeout only while busy is 0, and a reader that starts one while it sleeps wakes it

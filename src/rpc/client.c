@@ -1,4 +1,4 @@
-/* rpc_client.c - pconn_rpc_create(): a persistent connection whose connect makes an RPC
+/* client.c - pconn_rpc_create(): a persistent connection whose connect makes an RPC
  * connection (TCP connect and handshake within handshake_timeout_ms); and
  * pconn_rpc_dispatch(), wait-then-call in one line. */
 #include "rpc.h"

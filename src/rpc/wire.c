@@ -1,4 +1,4 @@
-/* rpc_wire.c - encoding helpers and the decoder of RPC frame payloads
+/* wire.c - encoding helpers and the decoder of RPC frame payloads
  * (docs/protocol.md). Pure functions over bytes from outside: the fuzz target calls them. */
 #include "rpc.h"
 

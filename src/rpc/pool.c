@@ -1,4 +1,4 @@
-/* rpc_pool.c - implementations (name, version -> handler), byte buffers, and the handler
+/* pool.c - implementations (name, version -> handler), byte buffers, and the handler
  * pool that runs them, growing while every thread is busy. */
 #include "rpc.h"
 
