@@ -367,8 +367,9 @@ void pconn_stats(pconn_t *pc, pconn_stats_t *out);
  * {"server_name", "state" ("connecting", "connected", "waiting", "closed"),
  * "state_seconds" (in it since), "attempts", "failures", "connects", "disconnects",
  * "last_error" ({"code": "PCONN_...", "message"} or null)}, and for an RPC pconn "rpc":
- * {"calls", "answered", "in_flight", "bytes_out", "bytes_in", "served" (queries its
- * handlers ran), "errors" ({"PCONN_...": count}), "latency_us" ([[bound, count], ...]:
+ * {"calls", "answered", "in_flight", "bytes_out", "writes" (system calls that sent
+ * them: several callers' frames share one on a busy connection), "bytes_in", "served"
+ * (queries its handlers ran), "errors" ({"PCONN_...": count}), "latency_us" ([[bound, count], ...]:
  * answers faster than bound us and not faster than the bucket below)}. A malloc'd
  * string the caller frees with free(); NULL for NULL or out of memory. Any thread. */
 char *pconn_stats_json(pconn_t *pc);

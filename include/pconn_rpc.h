@@ -253,7 +253,8 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
                            pconn_error_t *err);
 
 /* The server's counters as one JSON object (see pconn_stats_json() for "rpc"):
- * {"address", "connections", "handshakes", "handlers_busy", "rpc": {...}}. malloc'd,
+ * {"address", "connections", "handshakes" (under way), "parked" (connections idle,
+ * which no thread reads), "handlers_busy", "rpc": {...}}. malloc'd,
  * free() it; NULL for NULL or out of memory. Any thread. */
 char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv);
 
@@ -269,7 +270,8 @@ const char *pconn_rpc_server_address(const pconn_rpc_server_t *srv);
  * a connection ends) instead of spinning; the peers wait in the listen backlog.
  * Handshakes take no thread: the accepting thread drives all of them, each with its
  * handshake_timeout_ms; a connection gets its reading thread once its handshake is
- * done. */
+ * done, and gives it up after 250 ms without a frame (the accepting thread keeps its
+ * heartbeats; its next query starts a reading thread again). */
 void pconn_rpc_server_stop(pconn_rpc_server_t *srv);
 
 #ifdef __cplusplus

@@ -51,11 +51,12 @@ int pconn__rpc_stats_json(const rpc_stats_t *s, json_t *obj)
         if (n != 0)
             json_array_append_new(lat, json_pack("[I,I]", (json_int_t)1 << k, (json_int_t)n));
     }
-    json_t *rpc = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:o,s:o}",
+    json_t *rpc = json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:o,s:o}",
                             "calls", (json_int_t)atomic_load(&s->calls),
                             "answered", (json_int_t)atomic_load(&s->answered),
                             "in_flight", (json_int_t)atomic_load(&s->in_flight),
                             "bytes_out", (json_int_t)atomic_load(&s->bytes_out),
+                            "writes", (json_int_t)atomic_load(&s->writes),
                             "bytes_in", (json_int_t)atomic_load(&s->bytes_in),
                             "served", (json_int_t)atomic_load(&s->served),
                             "errors", errors, "latency_us", lat);

@@ -127,7 +127,12 @@ typedef struct rpc_conn_t {
     pconn_rpc_peer_t peer; /* address: ours; subject and sans: the session's */
 
     pthread_mutex_t lock;  /* pending, next_id, failure */
-    pthread_mutex_t wlock; /* one writer at a time: writer_enter() */
+    pthread_mutex_t wlock; /* through a transport, one writer at a time: writer_enter() */
+    /* Plain TCP, writes combined (framing.c), guarded by wq_lock: the writers waiting,
+     * whether one writes, and whether a cut frame ended the stream. */
+    pthread_mutex_t wq_lock;
+    struct wreq_t *wq_first, *wq_last;
+    bool writing, wq_broken;
     pending_t *pending;
     uint64_t next_id;
     bool failed;

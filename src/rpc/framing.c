@@ -40,9 +40,10 @@ int64_t pconn__rpc_after_ms(int64_t base_ns, int64_t ms)
     return base_ns + ms * 1000000;
 }
 
-/* The right to write, one thread at a time, taken before deadline_ns (0: only if free
- * now; INT64_MAX: no limit): a writer waiting behind a stuck one gives up in time
- * (issue 9, defect 3). A mutex, as the hand-over between writers is the hot path. */
+/* Through a transport, the right to write, one thread at a time, taken before
+ * deadline_ns (0: only if free now; INT64_MAX: no limit): a writer waiting behind a
+ * stuck one gives up in time (issue 9, defect 3). Writes are not combined there: a
+ * session's write that could not go on must be retried with the same bytes. */
 static bool writer_enter(rpc_conn_t *c, int64_t deadline_ns)
 {
     return pconn__mutex_lock_until(&c->wlock, deadline_ns);
@@ -53,44 +54,239 @@ static void writer_leave(rpc_conn_t *c)
     pconn__mutex_unlock(&c->wlock);
 }
 
-/* Plain TCP: every frame in as few sendmsg() calls as the kernel takes, never blocking
- * in them: when the socket is full it polls for room until deadline_ns (0: not at all).
- * Consumes iov. */
-static int send_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
+/* ---- plain TCP: writes combined ---------------------------------------------------
+ * A writer that finds another one writing queues its frames and waits (on a futex word,
+ * as callers do for answers). The writer sends its own frames and everything queued in
+ * as few sendmsg() calls as the kernel takes, and once its own are out it hands the
+ * role to the first writer still queued: on a busy connection one system call carries
+ * many callers' frames. Every queued write keeps its own deadline: one not started when
+ * its deadline passes leaves the queue (WF_TIMEOUT); one cut by its deadline breaks the
+ * stream (WF_TIMEOUT_MIDFRAME), and every write after it fails. The writer never waits
+ * for room while it holds other writers' frames: it puts them back in the queue first,
+ * where they can time out. */
+
+enum { WQ_QUEUED, WQ_TAKEN, WQ_DONE };
+
+typedef struct wreq_t {
+    struct iovec *iov;   /* what is left to send (consumed in place) */
+    int iovcnt;
+    int64_t deadline_ns;
+    bool started;        /* part of it went out; the writer's to change while WQ_TAKEN */
+    int state, rc, err;  /* guarded by wq_lock */
+    waiter_t w;          /* its owner waits on it; asleep guarded by wq_lock */
+    struct wreq_t *next;
+} wreq_t;
+
+#define WQ_IOV 256
+
+/* Sends what goes out now, without waiting, of the requests from r on, in order. The
+ * first request not wholly sent, or NULL; *error is errno when the socket failed. */
+static wreq_t *send_some(rpc_conn_t *c, wreq_t *r, int *error)
 {
-    size_t sent = 0;
-    while (iovcnt > 0 && iov->iov_len == 0)
-        iov++, iovcnt--;
-    while (iovcnt > 0) {
-        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)(iovcnt < IOV_MAX ? iovcnt : IOV_MAX)};
-        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN) {
-            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
-            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
-            if (rc == 0)
-                return sent == 0 ? WF_TIMEOUT : WF_TIMEOUT_MIDFRAME;
-            if (rc < 0 && errno != EINTR)
-                return WF_ERROR;
-            continue;
-        }
-        if (n <= 0)
-            return WF_ERROR;
-        sent += (size_t)n;
-        while (n > 0 || (iovcnt > 0 && iov->iov_len == 0)) {
-            if ((size_t)n >= iov->iov_len) {
-                n -= (ssize_t)iov->iov_len;
-                iov++;
-                iovcnt--;
-            } else {
-                iov->iov_base = (char *)iov->iov_base + n;
-                iov->iov_len -= (size_t)n;
-                n = 0;
+    struct iovec iov[WQ_IOV];
+    while (r != NULL) {
+        int n = 0;
+        for (wreq_t *q = r; q != NULL && n < WQ_IOV; q = q->next)
+            for (int i = 0; i < q->iovcnt && n < WQ_IOV; i++)
+                if (q->iov[i].iov_len > 0)
+                    iov[n++] = q->iov[i];
+        ssize_t k = 0;
+        if (n > 0) {
+            struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+            k = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k < 0 && errno == EAGAIN)
+                return r;
+            if (k <= 0) {
+                *error = k < 0 ? errno : EPIPE;
+                return r;
             }
+            if (c->cfg.stats != NULL)
+                atomic_fetch_add(&c->cfg.stats->writes, 1);
+        }
+        /* What went out leaves the requests' iovecs; the requests sent wholly are done. */
+        while (r != NULL) {
+            while (r->iovcnt > 0 && (size_t)k >= r->iov->iov_len) {
+                k -= (ssize_t)r->iov->iov_len;
+                r->started |= r->iov->iov_len > 0;
+                r->iov++;
+                r->iovcnt--;
+            }
+            if (r->iovcnt > 0 && k > 0) {
+                r->iov->iov_base = (char *)r->iov->iov_base + k;
+                r->iov->iov_len -= (size_t)k;
+                r->started = true;
+                k = 0;
+            }
+            if (r->iovcnt > 0)
+                break;
+            r = r->next;
         }
     }
-    return WF_OK;
+    return NULL;
+}
+
+/* Under wq_lock: r is done with rc; the word to wake() for its owner, or NULL. */
+static _Atomic uint32_t *wq_done_locked(wreq_t *r, int rc, int err)
+{
+    r->state = WQ_DONE;
+    r->rc = rc;
+    r->err = err;
+    return poke_locked(&r->w);
+}
+
+/* Under wq_lock: a frame was cut, so nothing may follow it: every queued write fails. */
+static void wq_break_locked(rpc_conn_t *c, _Atomic uint32_t **wake_list, int *nwake, int max)
+{
+    c->wq_broken = true;
+    for (wreq_t *q = c->wq_first; q != NULL; q = q->next) {
+        _Atomic uint32_t *w = wq_done_locked(q, WF_ERROR, EPIPE);
+        if (w != NULL && *nwake < max)
+            wake_list[(*nwake)++] = w;
+        else if (w != NULL)
+            wake(w); /* rare: more sleepers than the list holds */
+    }
+    c->wq_first = c->wq_last = NULL;
+}
+
+static void wq_unlink_locked(rpc_conn_t *c, wreq_t *r)
+{
+    wreq_t *prev = NULL;
+    for (wreq_t *q = c->wq_first; q != NULL; prev = q, q = q->next) {
+        if (q == r) {
+            *(prev != NULL ? &prev->next : &c->wq_first) = r->next;
+            if (c->wq_last == r)
+                c->wq_last = prev;
+            return;
+        }
+    }
+}
+
+/* The writing path of a plain socket: see the top of this section. */
+static int write_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
+{
+    enum { WAKE_MAX = 64 };
+    _Atomic uint32_t *wake_list[WAKE_MAX];
+    int nwake = 0;
+    wreq_t me = {.iov = iov, .iovcnt = iovcnt, .deadline_ns = deadline_ns, .state = WQ_QUEUED};
+    atomic_init(&me.w.word, 0);
+    pconn__mutex_lock(&c->wq_lock);
+    if (c->wq_broken || (deadline_ns == 0 && (c->writing || c->wq_first != NULL))) {
+        bool broken = c->wq_broken;
+        pconn__mutex_unlock(&c->wq_lock);
+        errno = EPIPE;
+        return broken ? WF_ERROR : WF_TIMEOUT; /* deadline 0: never waits for a writer */
+    }
+    *(c->wq_last != NULL ? &c->wq_last->next : &c->wq_first) = &me;
+    c->wq_last = &me;
+    for (;;) {
+        if (me.state == WQ_DONE) {
+            pconn__mutex_unlock(&c->wq_lock);
+            errno = me.err;
+            return me.rc;
+        }
+        if (!c->writing && c->wq_first == &me)
+            break; /* my turn */
+        if (me.state == WQ_QUEUED && pconn__mono_ns() >= deadline_ns) {
+            /* Never started: it leaves the queue. Started (the writer put it back cut):
+             * nothing may follow it. */
+            wq_unlink_locked(c, &me);
+            int rc = me.started ? WF_TIMEOUT_MIDFRAME : WF_TIMEOUT;
+            if (me.started)
+                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+            else if (!c->writing && c->wq_first != NULL && nwake < WAKE_MAX)
+                wake_list[nwake++] = poke_locked(&c->wq_first->w);
+            pconn__mutex_unlock(&c->wq_lock);
+            for (int i = 0; i < nwake; i++)
+                wake(wake_list[i]);
+            errno = EPIPE;
+            return rc;
+        }
+        /* Taken, it is the writer's until it is done or put back: that comes without
+         * waiting, as the writer puts back what it holds before it waits for room. */
+        int64_t until = me.state == WQ_TAKEN ? INT64_MAX : deadline_ns;
+        me.w.asleep = true;
+        uint32_t seen = atomic_load(&me.w.word);
+        pconn__mutex_unlock(&c->wq_lock);
+        wait_word(&me.w.word, seen, until);
+        pconn__mutex_lock(&c->wq_lock);
+        me.w.asleep = false;
+    }
+    /* The writer. */
+    c->writing = true;
+    for (;;) {
+        wreq_t *batch = c->wq_first, *last = c->wq_last;
+        c->wq_first = c->wq_last = NULL;
+        for (wreq_t *q = batch; q != NULL; q = q->next)
+            q->state = WQ_TAKEN;
+        pconn__mutex_unlock(&c->wq_lock);
+        int error = 0;
+        wreq_t *rest = send_some(c, batch, &error);
+        pconn__mutex_lock(&c->wq_lock);
+        for (wreq_t *q = batch; q != rest; q = q->next) {
+            _Atomic uint32_t *w = wq_done_locked(q, WF_OK, 0);
+            if (w != NULL && nwake < WAKE_MAX)
+                wake_list[nwake++] = w;
+            else if (w != NULL)
+                wake(w);
+        }
+        if (rest != NULL) { /* back to the head of the queue, in order */
+            for (wreq_t *q = rest; q != NULL; q = q->next) {
+                q->state = WQ_QUEUED;
+                /* Its owner waits again, with its deadline. */
+                _Atomic uint32_t *w = q != &me ? poke_locked(&q->w) : NULL;
+                if (w != NULL && nwake < WAKE_MAX)
+                    wake_list[nwake++] = w;
+                else if (w != NULL)
+                    wake(w);
+            }
+            last->next = c->wq_first;
+            if (c->wq_first == NULL)
+                c->wq_last = last;
+            c->wq_first = rest;
+        }
+        if (error != 0) {
+            wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+            me.err = error;
+        }
+        bool room = false;
+        if (me.state != WQ_DONE && deadline_ns != 0) {
+            /* Mine is not out: wait for room up to my deadline, holding no one's frames. */
+            pconn__mutex_unlock(&c->wq_lock);
+            for (int i = 0; i < nwake; i++)
+                wake(wake_list[i]);
+            nwake = 0;
+            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+            int prc = poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            int e = errno;
+            pconn__mutex_lock(&c->wq_lock);
+            room = prc > 0 || (prc < 0 && e == EINTR);
+            if (prc < 0 && e != EINTR && me.state != WQ_DONE) {
+                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+                me.err = e;
+            }
+        }
+        if (me.state != WQ_DONE && !room) {
+            /* My deadline (or deadline 0 and no room): as a queued writer would. */
+            wq_unlink_locked(c, &me);
+            me.state = WQ_DONE;
+            me.rc = me.started ? WF_TIMEOUT_MIDFRAME : WF_TIMEOUT;
+            me.err = EPIPE;
+            if (me.started)
+                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+        }
+        if (me.state == WQ_DONE) {
+            c->writing = false;
+            if (c->wq_first != NULL && nwake < WAKE_MAX)
+                wake_list[nwake++] = poke_locked(&c->wq_first->w); /* the next writer */
+            pconn__mutex_unlock(&c->wq_lock);
+            for (int i = 0; i < nwake; i++)
+                wake(wake_list[i]);
+            errno = me.err;
+            return me.rc;
+        }
+    }
 }
 
 /* One write through the transport, whole, polling for what the session wants until
@@ -115,6 +311,8 @@ static int transport_write_all(rpc_conn_t *c, const uint8_t *p, size_t len, int6
         }
         if (n <= 0)
             return WF_ERROR;
+        if (c->cfg.stats != NULL)
+            atomic_fetch_add(&c->cfg.stats->writes, 1);
         p += n;
         len -= (size_t)n;
         *sent += (size_t)n;
@@ -158,9 +356,11 @@ static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, in
  * (the caller fails the connection); WF_ERROR with errno. Consumes iov. */
 int pconn__rpc_write_frames(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
+    if (c->cfg.transport == NULL)
+        return write_plain(c, iov, iovcnt, deadline_ns);
     if (!writer_enter(c, deadline_ns))
         return WF_TIMEOUT;
-    if (c->cfg.transport != NULL && deadline_ns == 0) {
+    if (deadline_ns == 0) {
         /* Not waiting means not starting unless there is room: a transport's write
          * cannot be taken back (see transport_write_all()). */
         struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
@@ -169,8 +369,7 @@ int pconn__rpc_write_frames(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_
             return WF_TIMEOUT;
         }
     }
-    int rc = c->cfg.transport == NULL ? send_plain(c, iov, iovcnt, deadline_ns)
-                                      : send_transport(c, iov, iovcnt, deadline_ns);
+    int rc = send_transport(c, iov, iovcnt, deadline_ns);
     int e = errno;
     writer_leave(c);
     errno = e;

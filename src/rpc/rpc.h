@@ -85,6 +85,7 @@ PCONN_HIDDEN pconn_rpc_handler_fn pconn__rpc_impls_find(const pconn_rpc_impls_t 
 typedef struct rpc_stats_t {
     atomic_int refs;
     atomic_ullong calls, answered, in_flight, bytes_out, bytes_in, served;
+    atomic_ullong writes; /* system calls that sent frames (several frames share one) */
     atomic_ullong errors[16];
     atomic_ullong latency[RPC_LAT_BUCKETS];
 } rpc_stats_t;
