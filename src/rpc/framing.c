@@ -178,7 +178,9 @@ static int write_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t dea
         errno = EPIPE;
         return broken ? WF_ERROR : WF_TIMEOUT; /* deadline 0: never waits for a writer */
     }
+    /* On our stack, and out of the queue (done, or unlinked) before we return. */
     *(c->wq_last != NULL ? &c->wq_last->next : &c->wq_first) = &me;
+    // cppcheck-suppress autoVariables
     c->wq_last = &me;
     for (;;) {
         if (me.state == WQ_DONE) {
