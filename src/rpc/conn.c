@@ -557,7 +557,6 @@ static void rpc_destroy(void *impl)
     if (c->session != NULL)
         c->cfg.transport->close(c->session);
     close(c->fd);
-    pthread_mutex_destroy(&c->wlock);
     pthread_mutex_destroy(&c->wq_lock);
     pthread_mutex_destroy(&c->lock);
     free(c->rbuf);
@@ -609,7 +608,6 @@ static int conn_new(int fd, const char *address, const rpc_config_t *cfg, rpc_co
     pconn__strcpy(c->address, sizeof c->address, address);
     atomic_init(&c->reader_done, false);
     atomic_init(&c->dead, false);
-    pthread_mutex_init(&c->wlock, NULL);
     pthread_mutex_init(&c->wq_lock, NULL);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->reader_cond, NULL);

@@ -23,9 +23,9 @@
  * WATCH_IDLE_MS (heartbeats, CLOSE, the server's queries), and lets go when a caller
  * kicks it; a frame larger than the read buffer is read by the watcher too, as a caller
  * must be able to leave mid-read when its deadline passes.
- * c->lock is held only briefly, never while writing or calling out; c->wlock only by a
- * writer, never together with c->lock; c->role_lock only around a hand-over (before
- * c->lock when both). */
+ * c->lock is held only briefly, never while writing or calling out; c->wq_lock only
+ * briefly, around the write queue, never together with c->lock; c->role_lock only
+ * around a hand-over (before c->lock when both). */
 #ifndef PCONN_RPC_CONN_H
 #define PCONN_RPC_CONN_H
 
@@ -127,9 +127,8 @@ typedef struct rpc_conn_t {
     pconn_rpc_peer_t peer; /* address: ours; subject and sans: the session's */
 
     pthread_mutex_t lock;  /* pending, next_id, failure */
-    pthread_mutex_t wlock; /* through a transport, one writer at a time: writer_enter() */
-    /* Plain TCP, writes combined (framing.c), guarded by wq_lock: the writers waiting,
-     * whether one writes, and whether a cut frame ended the stream. */
+    /* Writes combined (framing.c), guarded by wq_lock: the writers waiting, whether one
+     * writes, and whether a cut frame ended the stream. */
     pthread_mutex_t wq_lock;
     struct wreq_t *wq_first, *wq_last;
     bool writing, wq_broken;

@@ -40,30 +40,79 @@ int64_t pconn__rpc_after_ms(int64_t base_ns, int64_t ms)
     return base_ns + ms * 1000000;
 }
 
-/* Through a transport, the right to write, one thread at a time, taken before
- * deadline_ns (0: only if free now; INT64_MAX: no limit): a writer waiting behind a
- * stuck one gives up in time (issue 9, defect 3). Writes are not combined there: a
- * session's write that could not go on must be retried with the same bytes. */
-static bool writer_enter(rpc_conn_t *c, int64_t deadline_ns)
+/* One write through the transport, whole, polling for what the session wants until
+ * deadline_ns (0: no waiting). *sent counts what went out. */
+static int transport_write_all(rpc_conn_t *c, const uint8_t *p, size_t len, int64_t deadline_ns,
+                               size_t *sent)
 {
-    return pconn__mutex_lock_until(&c->wlock, deadline_ns);
+    while (len > 0) {
+        ssize_t n = pconn__rpc_raw_write(c, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd pfd = {.fd = c->fd, .events = pconn__rpc_transport_wants(c, 1)};
+            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
+            /* The session may hold part of what it was given (an OpenSSL record that
+             * must be retried with the same bytes): giving up breaks the stream. */
+            if (rc == 0)
+                return WF_TIMEOUT_MIDFRAME;
+            if (rc < 0 && errno != EINTR)
+                return WF_ERROR;
+            continue;
+        }
+        if (n <= 0)
+            return WF_ERROR;
+        if (c->cfg.stats != NULL)
+            atomic_fetch_add(&c->cfg.stats->writes, 1);
+        p += n;
+        len -= (size_t)n;
+        *sent += (size_t)n;
+    }
+    return WF_OK;
 }
 
-static void writer_leave(rpc_conn_t *c)
+/* A transport: small frames are gathered into one write of up to 16 KiB, so that no
+ * frame waits for Nagle between its header and its data behind a TLS terminator (issue
+ * 9, defect 11) and queued calls go out together; large parts are written as they are. */
+static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
-    pconn__mutex_unlock(&c->wlock);
+    uint8_t stage[16384];
+    size_t staged = 0, sent = 0;
+    int rc = WF_OK;
+    for (int i = 0; i < iovcnt && rc == WF_OK; i++) {
+        if (iov[i].iov_len == 0)
+            continue; /* no data: its base may be NULL */
+        if (iov[i].iov_len <= sizeof stage - staged) {
+            memcpy(stage + staged, iov[i].iov_base, iov[i].iov_len);
+            staged += iov[i].iov_len;
+            continue;
+        }
+        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
+        staged = 0;
+        if (rc == WF_OK && iov[i].iov_len <= sizeof stage) {
+            memcpy(stage, iov[i].iov_base, iov[i].iov_len);
+            staged = iov[i].iov_len;
+        } else if (rc == WF_OK) {
+            rc = transport_write_all(c, iov[i].iov_base, iov[i].iov_len, deadline_ns, &sent);
+        }
+    }
+    if (rc == WF_OK)
+        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
+    return rc;
 }
 
-/* ---- plain TCP: writes combined ---------------------------------------------------
+/* ---- writes combined ------------------------------------------------------------
  * A writer that finds another one writing queues its frames and waits (on a futex word,
  * as callers do for answers). The writer sends its own frames and everything queued in
- * as few sendmsg() calls as the kernel takes, and once its own are out it hands the
- * role to the first writer still queued: on a busy connection one system call carries
- * many callers' frames. Every queued write keeps its own deadline: one not started when
+ * as few system calls as it can, and once its own are out it hands the role to the
+ * first writer still queued: on a busy connection one write carries many callers'
+ * frames. Plain TCP: every queued write keeps its own deadline: one not started when
  * its deadline passes leaves the queue (WF_TIMEOUT); one cut by its deadline breaks the
  * stream (WF_TIMEOUT_MIDFRAME), and every write after it fails. The writer never waits
  * for room while it holds other writers' frames: it puts them back in the queue first,
- * where they can time out. */
+ * where they can time out. Through a transport the batch goes out whole, by the
+ * earliest deadline in it, or the stream is broken: a session's write that could not
+ * go on must be retried with the same bytes. */
 
 enum { WQ_QUEUED, WQ_TAKEN, WQ_DONE };
 
@@ -163,8 +212,28 @@ static void wq_unlink_locked(rpc_conn_t *c, wreq_t *r)
     }
 }
 
-/* The writing path of a plain socket: see the top of this section. */
-static int write_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
+/* A transport: the requests of batch in as few of the session's writes as staging
+ * allows, all by deadline_ns. */
+static int send_transport_batch(rpc_conn_t *c, wreq_t *batch, int64_t deadline_ns)
+{
+    struct iovec iov[WQ_IOV];
+    int n = 0, rc = WF_OK;
+    for (wreq_t *q = batch; q != NULL && rc == WF_OK; q = q->next) {
+        for (int i = 0; i < q->iovcnt && rc == WF_OK; i++) {
+            if (n == WQ_IOV) {
+                rc = send_transport(c, iov, n, deadline_ns);
+                n = 0;
+            }
+            iov[n++] = q->iov[i];
+        }
+    }
+    if (rc == WF_OK && n > 0)
+        rc = send_transport(c, iov, n, deadline_ns);
+    return rc;
+}
+
+/* See the top of this section. */
+static int write_queued(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
     enum { WAKE_MAX = 64 };
     _Atomic uint32_t *wake_list[WAKE_MAX];
@@ -220,9 +289,40 @@ static int write_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t dea
     for (;;) {
         wreq_t *batch = c->wq_first, *last = c->wq_last;
         c->wq_first = c->wq_last = NULL;
-        for (wreq_t *q = batch; q != NULL; q = q->next)
+        int64_t batch_deadline = INT64_MAX;
+        for (wreq_t *q = batch; q != NULL; q = q->next) {
             q->state = WQ_TAKEN;
+            if (q->deadline_ns < batch_deadline)
+                batch_deadline = q->deadline_ns;
+        }
         pconn__mutex_unlock(&c->wq_lock);
+        if (c->cfg.transport != NULL) {
+            /* Not waiting (deadline 0: then the batch is this one write) means not
+             * starting unless there is room, as a session's write cannot be taken back. */
+            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+            int rc = batch_deadline == 0 && (poll(&pfd, 1, 0) != 1 || !(pfd.revents & POLLOUT))
+                         ? WF_TIMEOUT
+                         : send_transport_batch(c, batch, batch_deadline);
+            int e = errno;
+            pconn__mutex_lock(&c->wq_lock);
+            for (wreq_t *q = batch; q != NULL; q = q->next) {
+                _Atomic uint32_t *w = wq_done_locked(q, rc, e);
+                if (w != NULL && nwake < WAKE_MAX)
+                    wake_list[nwake++] = w;
+                else if (w != NULL)
+                    wake(w);
+            }
+            if (rc != WF_OK && rc != WF_TIMEOUT)
+                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+            c->writing = false;
+            if (c->wq_first != NULL && nwake < WAKE_MAX)
+                wake_list[nwake++] = poke_locked(&c->wq_first->w); /* the next writer */
+            pconn__mutex_unlock(&c->wq_lock);
+            for (int i = 0; i < nwake; i++)
+                wake(wake_list[i]);
+            errno = e;
+            return rc;
+        }
         int error = 0;
         wreq_t *rest = send_some(c, batch, &error);
         pconn__mutex_lock(&c->wq_lock);
@@ -291,91 +391,13 @@ static int write_plain(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t dea
     }
 }
 
-/* One write through the transport, whole, polling for what the session wants until
- * deadline_ns (0: no waiting). *sent counts what went out. */
-static int transport_write_all(rpc_conn_t *c, const uint8_t *p, size_t len, int64_t deadline_ns,
-                               size_t *sent)
-{
-    while (len > 0) {
-        ssize_t n = pconn__rpc_raw_write(c, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN) {
-            struct pollfd pfd = {.fd = c->fd, .events = pconn__rpc_transport_wants(c, 1)};
-            int rc = deadline_ns == 0 ? 0 : poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
-            /* The session may hold part of what it was given (an OpenSSL record that
-             * must be retried with the same bytes): giving up breaks the stream. */
-            if (rc == 0)
-                return WF_TIMEOUT_MIDFRAME;
-            if (rc < 0 && errno != EINTR)
-                return WF_ERROR;
-            continue;
-        }
-        if (n <= 0)
-            return WF_ERROR;
-        if (c->cfg.stats != NULL)
-            atomic_fetch_add(&c->cfg.stats->writes, 1);
-        p += n;
-        len -= (size_t)n;
-        *sent += (size_t)n;
-    }
-    return WF_OK;
-}
-
-/* A transport: small frames are gathered into one write of up to 16 KiB, so that no
- * frame waits for Nagle between its header and its data behind a TLS terminator (issue
- * 9, defect 11) and queued calls go out together; large parts are written as they are. */
-static int send_transport(rpc_conn_t *c, const struct iovec *iov, int iovcnt, int64_t deadline_ns)
-{
-    uint8_t stage[16384];
-    size_t staged = 0, sent = 0;
-    int rc = WF_OK;
-    for (int i = 0; i < iovcnt && rc == WF_OK; i++) {
-        if (iov[i].iov_len == 0)
-            continue; /* no data: its base may be NULL */
-        if (iov[i].iov_len <= sizeof stage - staged) {
-            memcpy(stage + staged, iov[i].iov_base, iov[i].iov_len);
-            staged += iov[i].iov_len;
-            continue;
-        }
-        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
-        staged = 0;
-        if (rc == WF_OK && iov[i].iov_len <= sizeof stage) {
-            memcpy(stage, iov[i].iov_base, iov[i].iov_len);
-            staged = iov[i].iov_len;
-        } else if (rc == WF_OK) {
-            rc = transport_write_all(c, iov[i].iov_base, iov[i].iov_len, deadline_ns, &sent);
-        }
-    }
-    if (rc == WF_OK)
-        rc = transport_write_all(c, stage, staged, deadline_ns, &sent);
-    return rc;
-}
-
 /* Writes whole frames (iov: their headers and data in order) before deadline_ns
  * (INT64_MAX: none; 0: only if that needs no waiting). WF_OK; WF_TIMEOUT: nothing went
  * out, the connection is fine; WF_TIMEOUT_MIDFRAME: part went out, the stream is broken
  * (the caller fails the connection); WF_ERROR with errno. Consumes iov. */
 int pconn__rpc_write_frames(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
-    if (c->cfg.transport == NULL)
-        return write_plain(c, iov, iovcnt, deadline_ns);
-    if (!writer_enter(c, deadline_ns))
-        return WF_TIMEOUT;
-    if (deadline_ns == 0) {
-        /* Not waiting means not starting unless there is room: a transport's write
-         * cannot be taken back (see transport_write_all()). */
-        struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
-        if (poll(&pfd, 1, 0) != 1 || (pfd.revents & POLLOUT) == 0) {
-            writer_leave(c);
-            return WF_TIMEOUT;
-        }
-    }
-    int rc = send_transport(c, iov, iovcnt, deadline_ns);
-    int e = errno;
-    writer_leave(c);
-    errno = e;
-    return rc;
+    return write_queued(c, iov, iovcnt, deadline_ns);
 }
 
 int pconn__rpc_write_frame(rpc_conn_t *c, const uint8_t *head, size_t head_len, const void *data,
