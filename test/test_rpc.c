@@ -1838,6 +1838,30 @@ static void test_parked_connection_heartbeats(void)
     pconn_rpc_impls_free(impls);
 }
 
+/* A query that comes to a parked connection together with the end of the stream is
+ * answered, as it is on a connection with a reading thread (review finding: the parked
+ * connection was failed at the end of the stream, and the query dropped). */
+static void test_parked_query_then_fin(void)
+{
+    pconn_rpc_impls_t *impls = server_impls();
+    pconn_rpc_server_t *srv = server(impls, LIMIT);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(srv);
+    pconn_conn_t *peer = raw_hello(pconn_rpc_server_address(srv));
+    CU_ASSERT_PTR_NOT_NULL_FATAL(peer);
+    CU_ASSERT(raw_echo(peer));
+    CU_ASSERT(wait_stat(srv, "parked", 1));
+    size_t len;
+    unsigned char *q = queries(1, "echo", &len), f[64];
+    CU_ASSERT_EQUAL(send(pconn_tcp_fd(peer), q, len, MSG_NOSIGNAL), (ssize_t)len);
+    free(q);
+    shutdown(pconn_tcp_fd(peer), SHUT_WR);
+    CU_ASSERT_EQUAL(raw_frame(pconn_tcp_fd(peer), f, sizeof f, true), 4); /* the answer */
+    CU_ASSERT_EQUAL(f[21], 'x');
+    pconn_conn_unref(peer);
+    pconn_rpc_server_stop(srv);
+    pconn_rpc_impls_free(impls);
+}
+
 /* max_connections: the peer over the limit is told why, in its handshake's error. */
 static void test_max_connections(void)
 {
@@ -2239,6 +2263,47 @@ static void test_queued_writers_keep_deadlines(void)
     rec_destroy(&rec);
 }
 
+typedef struct crowd_t {
+    pthread_t thread;
+    pconn_conn_t *conn;
+    int ok;
+} crowd_t;
+
+static void *crowd_main(void *arg)
+{
+    crowd_t *t = arg;
+    for (int i = 0; i < 100; i++) {
+        pconn_buf_t resp;
+        if (pconn_rpc_call(t->conn, "echo", 1, "crowd", 5, &resp, WAIT_MS, NULL) == PCONN_OK)
+            t->ok++;
+        pconn_buf_free(&resp);
+    }
+    return NULL;
+}
+
+/* More writers at once than a writer wakes in one go (64): the next writer is never
+ * left asleep. Review finding: with 200 callers a writer that finished a batch of 64
+ * sleepers did not wake the head of the queue, and every writer behind it waited out
+ * its timeout on a writable socket (forever with PCONN_FOREVER). */
+#define CROWD 200
+static void test_crowd_of_writers(void)
+{
+    fixture_t f;
+    setup(&f);
+    static crowd_t t[CROWD];
+    for (int i = 0; i < CROWD; i++) {
+        t[i] = (crowd_t){.conn = f.conn};
+        CU_ASSERT_EQUAL_FATAL(pthread_create(&t[i].thread, NULL, crowd_main, &t[i]), 0);
+    }
+    int ok = 0;
+    for (int i = 0; i < CROWD; i++) {
+        pthread_join(t[i].thread, NULL);
+        ok += t[i].ok;
+    }
+    CU_ASSERT_EQUAL(ok, CROWD * 100);
+    teardown(&f);
+}
+
 /* ---- pipelining for one thread: pconn_rpc_call_many ----------------------------- */
 
 /* 16 calls in one batch through a counting transport: one write carries them all, and
@@ -2457,11 +2522,13 @@ static const test_def_t tests[] = {
     {"close_interrupts_handshake", test_close_interrupts_handshake},
     {"stop_with_silent_peer", test_stop_with_silent_peer},
     {"timeout_zero_calls", test_timeout_zero_calls},
+    {"crowd_of_writers", test_crowd_of_writers},
     {"queued_writers_keep_deadlines", test_queued_writers_keep_deadlines},
     {"call_deadline_against_deaf_asker", test_call_deadline_against_deaf_asker},
     {"silent_peers_cost_no_thread", test_silent_peers_cost_no_thread},
     {"idle_connections_park", test_idle_connections_park},
     {"parked_connection_heartbeats", test_parked_connection_heartbeats},
+    {"parked_query_then_fin", test_parked_query_then_fin},
     {"max_connections", test_max_connections},
     {"emfile_does_not_spin", test_emfile_does_not_spin},
     {"call_timeout_covers_sending", test_call_timeout_covers_sending},

@@ -176,27 +176,52 @@ static wreq_t *send_some(rpc_conn_t *c, wreq_t *r, int *error)
     return NULL;
 }
 
-/* Under wq_lock: r is done with rc; the word to wake() for its owner, or NULL. */
-static _Atomic uint32_t *wq_done_locked(wreq_t *r, int rc, int err)
+/* Writers to wake once wq_lock is dropped; past the list's size, woken at once (rare:
+ * better a wake under the lock than a lost one). */
+typedef struct wake_list_t {
+    _Atomic uint32_t *word[64];
+    int n;
+} wake_list_t;
+
+static void wl_add(wake_list_t *l, _Atomic uint32_t *word)
+{
+    if (word != NULL && l->n < (int)(sizeof l->word / sizeof l->word[0]))
+        l->word[l->n++] = word;
+    else
+        wake(word);
+}
+
+static void wl_wake(wake_list_t *l)
+{
+    for (int i = 0; i < l->n; i++)
+        wake(l->word[i]);
+    l->n = 0;
+}
+
+/* Under wq_lock: r is done with rc. */
+static void wq_done_locked(wreq_t *r, int rc, int err, wake_list_t *l)
 {
     r->state = WQ_DONE;
     r->rc = rc;
     r->err = err;
-    return poke_locked(&r->w);
+    wl_add(l, poke_locked(&r->w));
 }
 
 /* Under wq_lock: a frame was cut, so nothing may follow it: every queued write fails. */
-static void wq_break_locked(rpc_conn_t *c, _Atomic uint32_t **wake_list, int *nwake, int max)
+static void wq_break_locked(rpc_conn_t *c, wake_list_t *l)
 {
     c->wq_broken = true;
-    for (wreq_t *q = c->wq_first; q != NULL; q = q->next) {
-        _Atomic uint32_t *w = wq_done_locked(q, WF_ERROR, EPIPE);
-        if (w != NULL && *nwake < max)
-            wake_list[(*nwake)++] = w;
-        else if (w != NULL)
-            wake(w); /* rare: more sleepers than the list holds */
-    }
+    for (wreq_t *q = c->wq_first; q != NULL; q = q->next)
+        wq_done_locked(q, WF_ERROR, EPIPE, l);
     c->wq_first = c->wq_last = NULL;
+}
+
+/* Under wq_lock, as a writer leaves: the first writer queued is the next. */
+static void wq_leave_locked(rpc_conn_t *c, wake_list_t *l)
+{
+    c->writing = false;
+    if (c->wq_first != NULL)
+        wl_add(l, poke_locked(&c->wq_first->w));
 }
 
 static void wq_unlink_locked(rpc_conn_t *c, wreq_t *r)
@@ -235,9 +260,7 @@ static int send_transport_batch(rpc_conn_t *c, wreq_t *batch, int64_t deadline_n
 /* See the top of this section. */
 static int write_queued(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t deadline_ns)
 {
-    enum { WAKE_MAX = 64 };
-    _Atomic uint32_t *wake_list[WAKE_MAX];
-    int nwake = 0;
+    wake_list_t wl = {.n = 0};
     wreq_t me = {.iov = iov, .iovcnt = iovcnt, .deadline_ns = deadline_ns, .state = WQ_QUEUED};
     atomic_init(&me.w.word, 0);
     pconn__mutex_lock(&c->wq_lock);
@@ -265,12 +288,11 @@ static int write_queued(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t de
             wq_unlink_locked(c, &me);
             int rc = me.started ? WF_TIMEOUT_MIDFRAME : WF_TIMEOUT;
             if (me.started)
-                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
-            else if (!c->writing && c->wq_first != NULL && nwake < WAKE_MAX)
-                wake_list[nwake++] = poke_locked(&c->wq_first->w);
+                wq_break_locked(c, &wl);
+            else if (!c->writing && c->wq_first != NULL)
+                wl_add(&wl, poke_locked(&c->wq_first->w));
             pconn__mutex_unlock(&c->wq_lock);
-            for (int i = 0; i < nwake; i++)
-                wake(wake_list[i]);
+            wl_wake(&wl);
             errno = EPIPE;
             return rc;
         }
@@ -305,43 +327,26 @@ static int write_queued(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t de
                          : send_transport_batch(c, batch, batch_deadline);
             int e = errno;
             pconn__mutex_lock(&c->wq_lock);
-            for (wreq_t *q = batch; q != NULL; q = q->next) {
-                _Atomic uint32_t *w = wq_done_locked(q, rc, e);
-                if (w != NULL && nwake < WAKE_MAX)
-                    wake_list[nwake++] = w;
-                else if (w != NULL)
-                    wake(w);
-            }
+            for (wreq_t *q = batch; q != NULL; q = q->next)
+                wq_done_locked(q, rc, e, &wl);
             if (rc != WF_OK && rc != WF_TIMEOUT)
-                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
-            c->writing = false;
-            if (c->wq_first != NULL && nwake < WAKE_MAX)
-                wake_list[nwake++] = poke_locked(&c->wq_first->w); /* the next writer */
+                wq_break_locked(c, &wl);
+            wq_leave_locked(c, &wl);
             pconn__mutex_unlock(&c->wq_lock);
-            for (int i = 0; i < nwake; i++)
-                wake(wake_list[i]);
+            wl_wake(&wl);
             errno = e;
             return rc;
         }
         int error = 0;
         wreq_t *rest = send_some(c, batch, &error);
         pconn__mutex_lock(&c->wq_lock);
-        for (wreq_t *q = batch; q != rest; q = q->next) {
-            _Atomic uint32_t *w = wq_done_locked(q, WF_OK, 0);
-            if (w != NULL && nwake < WAKE_MAX)
-                wake_list[nwake++] = w;
-            else if (w != NULL)
-                wake(w);
-        }
+        for (wreq_t *q = batch; q != rest; q = q->next)
+            wq_done_locked(q, WF_OK, 0, &wl);
         if (rest != NULL) { /* back to the head of the queue, in order */
             for (wreq_t *q = rest; q != NULL; q = q->next) {
                 q->state = WQ_QUEUED;
-                /* Its owner waits again, with its deadline. */
-                _Atomic uint32_t *w = q != &me ? poke_locked(&q->w) : NULL;
-                if (w != NULL && nwake < WAKE_MAX)
-                    wake_list[nwake++] = w;
-                else if (w != NULL)
-                    wake(w);
+                if (q != &me) /* its owner waits again, with its deadline */
+                    wl_add(&wl, poke_locked(&q->w));
             }
             last->next = c->wq_first;
             if (c->wq_first == NULL)
@@ -349,23 +354,21 @@ static int write_queued(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t de
             c->wq_first = rest;
         }
         if (error != 0) {
-            wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+            wq_break_locked(c, &wl);
             me.err = error;
         }
         bool room = false;
         if (me.state != WQ_DONE && deadline_ns != 0) {
             /* Mine is not out: wait for room up to my deadline, holding no one's frames. */
             pconn__mutex_unlock(&c->wq_lock);
-            for (int i = 0; i < nwake; i++)
-                wake(wake_list[i]);
-            nwake = 0;
+            wl_wake(&wl);
             struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
             int prc = poll(&pfd, 1, pconn__poll_timeout_ms(deadline_ns));
             int e = errno;
             pconn__mutex_lock(&c->wq_lock);
             room = prc > 0 || (prc < 0 && e == EINTR);
             if (prc < 0 && e != EINTR && me.state != WQ_DONE) {
-                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+                wq_break_locked(c, &wl);
                 me.err = e;
             }
         }
@@ -376,15 +379,12 @@ static int write_queued(rpc_conn_t *c, struct iovec *iov, int iovcnt, int64_t de
             me.rc = me.started ? WF_TIMEOUT_MIDFRAME : WF_TIMEOUT;
             me.err = EPIPE;
             if (me.started)
-                wq_break_locked(c, wake_list, &nwake, WAKE_MAX);
+                wq_break_locked(c, &wl);
         }
         if (me.state == WQ_DONE) {
-            c->writing = false;
-            if (c->wq_first != NULL && nwake < WAKE_MAX)
-                wake_list[nwake++] = poke_locked(&c->wq_first->w); /* the next writer */
+            wq_leave_locked(c, &wl);
             pconn__mutex_unlock(&c->wq_lock);
-            for (int i = 0; i < nwake; i++)
-                wake(wake_list[i]);
+            wl_wake(&wl);
             errno = me.err;
             return me.rc;
         }

@@ -346,8 +346,11 @@ int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns)
         c->rpos += 9;
     if (c->rpos == c->rlen)
         c->rpos = c->rlen = 0;
-    if (rc == PCONN_OK && (c->rlen > 0 || (c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
-                                           c->cfg.transport->pending(c->session) > 0)))
+    /* Frames that came with the end of the stream are served first, as a reading thread
+     * would (it meets the end again on its next read). */
+    if (!atomic_load(&c->dead) &&
+        (c->rlen > 0 || (rc == PCONN_OK && c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
+                         c->cfg.transport->pending(c->session) > 0)))
         return RPC_UNPARK;
     int64_t now = pconn__mono_ns(), dead_at = pconn__rpc_after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
     if (rc == PCONN_OK && now >= dead_at)
