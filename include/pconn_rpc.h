@@ -254,7 +254,8 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
 
 /* The server's counters as one JSON object (see pconn_stats_json() for "rpc"):
  * {"address", "connections", "handshakes" (under way), "parked" (connections idle,
- * which no thread reads), "handlers_busy", "rpc": {...}}. malloc'd,
+ * which no thread reads), "reading_threads" (threads reading a connection, or waiting
+ * up to 2 s for the next one to read), "handlers_busy", "rpc": {...}}. malloc'd,
  * free() it; NULL for NULL or out of memory. Any thread. */
 char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv);
 

@@ -649,7 +649,9 @@ static void test_no_thread_to_unpark(void)
     for (int64_t until = pconn_clock_now(NULL) + (int64_t)WAIT_MS * 1000000;
          !parked && pconn_clock_now(NULL) < until;) {
         char *stats = pconn_rpc_server_stats_json(srv);
-        parked = stats != NULL && strstr(stats, "\"parked\":1,") != NULL;
+        /* Parked, and no spare reading thread left (they wait 2 s for work). */
+        parked = stats != NULL && strstr(stats, "\"parked\":1,") != NULL &&
+                 strstr(stats, "\"reading_threads\":0,") != NULL;
         free(stats);
         struct timespec ms = {0, 1000000}; /* the poll's period */
         nanosleep(&ms, NULL);

@@ -1134,6 +1134,13 @@ static void test_bad_frames_to_server(void)
     CU_ASSERT(n > 16 + 13 && in[16 + 8] == 5 && in[16 + 12] == PCONN_EHANDSHAKE);
     CU_ASSERT(n > 29 && memmem(in, n, "bad magic number 0x48545450", 27) != NULL);
 
+    /* A TLS ClientHello: the server says the peer is a TLS client (review finding: it
+     * said "it is a TLS server", the client's message). */
+    static const unsigned char hello_tls[] = {0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03};
+    n = raw_exchange(address, hello_tls, sizeof hello_tls, in, sizeof in - 1);
+    CU_ASSERT(n > 29 && in[16 + 8] == 5 && in[16 + 12] == PCONN_EHANDSHAKE);
+    CU_ASSERT(n > 29 && memmem(in, n, "it is a TLS client (this server has no tls)", 43) != NULL);
+
     /* A QUERY claiming 2^63 bytes: an error RESPONSE for its id, CLOSE 10, EOF. */
     unsigned char huge[16 + 17];
     memcpy(huge, good_hello, 16);
@@ -1791,6 +1798,7 @@ static void test_idle_connections_park(void)
         CU_ASSERT(raw_echo(peer[i]));
     }
     CU_ASSERT(wait_stat(srv, "parked", IDLE_PEERS));
+    CU_ASSERT(wait_stat(srv, "reading_threads", 0)); /* the spare ones waited 2 s, then went */
     CU_ASSERT(thread_count() - before < 4); /* none per connection (before: 20) */
     for (int i = 0; i < IDLE_PEERS; i++)
         CU_ASSERT(raw_echo(peer[i]));

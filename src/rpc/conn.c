@@ -39,6 +39,7 @@ void pconn__rpc_config(rpc_config_t *cfg, pconn_rpc_impls_t *impls, size_t max,
     cfg->watch = NULL;
     cfg->reader_count = NULL;
     cfg->park = NULL;
+    cfg->start_reader = NULL;
 }
 
 void pconn__rpc_log(const rpc_config_t *cfg, int level, const char *fmt, ...)
@@ -720,9 +721,8 @@ int pconn__rpc_conn_serve(pconn_conn_t *conn, void (*on_reader_exit)(void *), vo
         return rc;
     c->on_reader_exit = on_reader_exit;
     c->exit_arg = exit_arg;
-    /* The default stack, as handlers run on it. */
     c->reader_started = c->reader_detached = true;
-    if (pconn__thread_start(&c->reader, pconn__rpc_reader_main, c, 0, true) != 0) {
+    if (pconn__rpc_start_reader(c) != 0) {
         c->reader_started = c->reader_detached = false;
         c->on_reader_exit = NULL;
         pconn_conn_unref(c->conn);

@@ -70,7 +70,8 @@ static int hs_not_hello(rpc_conn_t *c, uint64_t n, pconn_error_t *err)
 {
     char why[128];
     if (c->cfg.transport == NULL && ((n >> 56) == 0x15 || (n >> 56) == 0x16) && ((n >> 48) & 0xff) == 0x03)
-        snprintf(why, sizeof why, "the peer answered in TLS: it is a TLS server (set tls)");
+        snprintf(why, sizeof why, c->cfg.server ? "the peer speaks TLS: it is a TLS client (this server has no tls)"
+                                                : "the peer answered in TLS: it is a TLS server (set tls)");
     else
         snprintf(why, sizeof why, "first frame is not a HELLO (length %llu)", (unsigned long long)n);
     pconn__rpc_send_close(c, PCONN_EHANDSHAKE, why);

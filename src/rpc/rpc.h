@@ -138,6 +138,9 @@ typedef struct rpc_config_t {
      * ends; no thread serves the connection until bytes other than heartbeats come
      * (see pconn__rpc_conn_parked()). */
     void (*park)(void *arg, pconn_conn_t *conn);
+    /* Server: a thread for conn's reading role (it calls pconn__rpc_conn_read(conn));
+     * 0, or -1 when none could be had. NULL: a new thread each time. */
+    int (*start_reader)(void *arg, pconn_conn_t *conn);
 } rpc_config_t;
 
 #define RPC_PARK_MS 250
@@ -174,6 +177,9 @@ PCONN_HIDDEN int pconn__rpc_conn_step(pconn_conn_t *conn, short *events, pconn_e
 PCONN_HIDDEN int pconn__rpc_conn_expired(pconn_conn_t *conn, pconn_error_t *err);
 PCONN_HIDDEN int pconn__rpc_conn_serve(pconn_conn_t *conn, void (*on_reader_exit)(void *), void *exit_arg,
                                        pconn_error_t *err);
+/* Server, on the thread cfg.start_reader gave: holds conn's reading role until it ends
+ * or moves on (to another thread, or parked). */
+PCONN_HIDDEN void pconn__rpc_conn_read(pconn_conn_t *conn);
 /* Server, for a parked connection (the caller holds its reading role): reads what has
  * come, without waiting (readable: its fd polled readable), answers to nothing but
  * heartbeats, and keeps the heartbeats (sends ours when due, ends it when the peer's

@@ -248,9 +248,7 @@ int pconn__rpc_handoff(rpc_conn_t *c, int64_t since_ns, uint64_t gen)
         atomic_store(&c->inline_since_ns, 0); /* the new holder runs no handler yet */
         atomic_fetch_sub(&c->cfg.watch->busy, 1); /* nothing more to hand off there */
         pconn_conn_ref(c->conn); /* the new thread's; never the first: the old one holds one */
-        pthread_t t;
-        /* The default stack, as handlers run on it. */
-        if (pconn__thread_start(&t, pconn__rpc_reader_main, c, 0, true) == 0) {
+        if (pconn__rpc_start_reader(c) == 0) {
             nb = NULL;
         } else {
             c->role_gen--;
@@ -278,6 +276,20 @@ bool pconn__rpc_conn_handoff(pconn_conn_t *conn, int64_t since_ns)
 int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn)
 {
     return atomic_load(&((rpc_conn_t *)pconn_conn_impl(conn))->inline_since_ns);
+}
+
+int pconn__rpc_start_reader(rpc_conn_t *c)
+{
+    if (c->cfg.start_reader != NULL)
+        return c->cfg.start_reader(c->exit_arg, c->conn);
+    pthread_t t;
+    /* The default stack, as handlers run on it. */
+    return pconn__thread_start(&t, pconn__rpc_reader_main, c, 0, true);
+}
+
+void pconn__rpc_conn_read(pconn_conn_t *conn)
+{
+    pconn__rpc_reader_main(pconn_conn_impl(conn));
 }
 
 void *pconn__rpc_reader_main(void *arg)
@@ -326,6 +338,7 @@ int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns)
 {
     rpc_conn_t *c = pconn_conn_impl(conn);
     int rc = atomic_load(&c->dead) ? PCONN_EIO : PCONN_OK, sys_errno = 0;
+    bool wants_write = false;
     if (c->rpos == c->rlen)
         c->rpos = c->rlen = 0;
     while (rc == PCONN_OK && readable && c->rlen < READ_BUF) {
@@ -334,6 +347,9 @@ int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns)
             c->rlen += (size_t)r;
             c->last_recv_ns = pconn__mono_ns();
         } else if (r < 0 && errno == EAGAIN) {
+            /* A session that must write to go on reading (TLS) is a reading thread's:
+             * the poller watches for bytes only. */
+            wants_write = (pconn__rpc_transport_wants(c, 0) & POLLOUT) != 0;
             break;
         } else if (r <= 0 && !(r < 0 && errno == EINTR)) {
             sys_errno = r < 0 ? errno : 0;
@@ -349,8 +365,9 @@ int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns)
     /* Frames that came with the end of the stream are served first, as a reading thread
      * would (it meets the end again on its next read). */
     if (!atomic_load(&c->dead) &&
-        (c->rlen > 0 || (rc == PCONN_OK && c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
-                         c->cfg.transport->pending(c->session) > 0)))
+        (c->rlen > 0 || (rc == PCONN_OK && wants_write) ||
+         (rc == PCONN_OK && c->cfg.transport != NULL && c->cfg.transport->pending != NULL &&
+          c->cfg.transport->pending(c->session) > 0)))
         return RPC_UNPARK;
     int64_t now = pconn__mono_ns(), dead_at = pconn__rpc_after_ms(c->last_recv_ns, c->cfg.hb_timeout_ms);
     if (rc == PCONN_OK && now >= dead_at)
@@ -374,9 +391,7 @@ int pconn__rpc_conn_parked(pconn_conn_t *conn, bool readable, int64_t *next_ns)
 void pconn__rpc_conn_unpark(pconn_conn_t *conn)
 {
     rpc_conn_t *c = pconn_conn_impl(conn);
-    pthread_t t;
-    /* The default stack, as handlers run on it. */
-    if (pconn__thread_start(&t, pconn__rpc_reader_main, c, 0, true) == 0)
+    if (pconn__rpc_start_reader(c) == 0)
         return;
     pconn__rpc_fail(c, PCONN_ENOMEM, "no thread to read the connection");
     parked_ended(c);

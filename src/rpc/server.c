@@ -21,6 +21,12 @@
 #include <unistd.h>
 
 #define SERVER_POOL_MAX 256
+/* A reading thread whose role ended (its connection parked, ended, or went on to
+ * another thread) waits this long for the next role before it ends, at most this many
+ * at once: a new connection, a hand-over or a parked connection's next query then costs
+ * no thread creation. */
+#define SPARE_LINGER_MS 2000
+#define SPARES_MAX 64
 #define EMFILE_BACKOFF_MS 100
 
 typedef struct entry_t {
@@ -52,6 +58,13 @@ typedef struct parked_t {
     struct parked_t *next; /* in srv->parking, before the accepting thread takes it */
 } parked_t;
 
+/* A reading thread waiting for its next role, on its own stack; guarded by the mutex. */
+typedef struct spare_t {
+    pthread_cond_t cond;
+    pconn_conn_t *job; /* set by the giver: the reading role to take */
+    struct spare_t *next;
+} spare_t;
+
 struct pconn_rpc_server_t {
     int lfd;
     int wake_fd;
@@ -72,6 +85,9 @@ struct pconn_rpc_server_t {
     parked_t *parking;    /* given up by their reading threads, for the accepting thread */
     int nparked;          /* in the heap (written by the accepting thread) */
     parked_t **heap;      /* the accepting thread's: parked connections, next_ns first */
+    spare_t *spares;      /* reading threads waiting for a role */
+    int nspares;
+    int reading_threads;  /* threads reading or waiting as spares: stop waits for them */
     size_t nheap, heap_cap;
     bool stopping;
     rpc_watch_t watch;
@@ -159,6 +175,87 @@ static void hand_off_slow(pconn_rpc_server_t *srv)
         pconn_conn_unref(slow[i].conn);
     }
     free(slow);
+}
+
+/* ---- reading threads ---- */
+
+typedef struct reading_start_t {
+    pconn_rpc_server_t *srv;
+    pconn_conn_t *conn;
+} reading_start_t;
+
+/* A reading thread: it holds the role it was given until that ends or moves on, then
+ * waits SPARE_LINGER_MS as a spare for the next. */
+static void *reading_main(void *arg)
+{
+    reading_start_t start = *(reading_start_t *)arg;
+    free(arg);
+    pconn_rpc_server_t *srv = start.srv;
+    pconn_conn_t *conn = start.conn;
+    for (;;) {
+        pconn__rpc_conn_read(conn);
+        pconn__mutex_lock(&srv->mutex);
+        if (srv->stopping || srv->nspares >= SPARES_MAX)
+            break;
+        spare_t me = {.job = NULL, .next = srv->spares};
+        pconn__cond_init(&me.cond);
+        // cppcheck-suppress autoVariables
+        srv->spares = &me; /* on our stack, and off the list (taken, or below) before we go */
+        srv->nspares++;
+        int64_t until = pconn__deadline_ns(SPARE_LINGER_MS);
+        while (me.job == NULL && !srv->stopping && pconn__mono_ns() < until)
+            pconn__cond_wait_until(&me.cond, &srv->mutex, until);
+        if (me.job == NULL) { /* not taken: off the list */
+            for (spare_t **pp = &srv->spares; *pp != NULL; pp = &(*pp)->next) {
+                if (*pp == &me) {
+                    *pp = me.next;
+                    break;
+                }
+            }
+            srv->nspares--;
+        }
+        pthread_cond_destroy(&me.cond);
+        conn = me.job;
+        if (conn == NULL)
+            break;
+        pconn__mutex_unlock(&srv->mutex);
+    }
+    srv->reading_threads--;
+    pthread_cond_broadcast(&srv->cond);
+    pconn__mutex_unlock(&srv->mutex); /* srv is not touched after this */
+    return NULL;
+}
+
+/* cfg.start_reader: a spare takes conn's reading role, or a new thread does. */
+static int start_reader(void *arg, pconn_conn_t *conn)
+{
+    pconn_rpc_server_t *srv = arg;
+    pconn__mutex_lock(&srv->mutex);
+    spare_t *s = srv->spares;
+    if (s != NULL) {
+        srv->spares = s->next;
+        srv->nspares--;
+        s->job = conn;
+        pthread_cond_signal(&s->cond);
+        pconn__mutex_unlock(&srv->mutex);
+        return 0;
+    }
+    srv->reading_threads++;
+    pconn__mutex_unlock(&srv->mutex);
+    reading_start_t *a = malloc(sizeof *a);
+    pthread_t t;
+    if (a != NULL) {
+        *a = (reading_start_t){srv, conn};
+        /* The default stack, as handlers run on it. */
+        if (pconn__thread_start(&t, reading_main, a, 0, true) == 0)
+            return 0;
+        free(a);
+    }
+    pconn__mutex_lock(&srv->mutex);
+    srv->reading_threads--;
+    pthread_cond_broadcast(&srv->cond);
+    pconn__mutex_unlock(&srv->mutex);
+    return -1;
 }
 
 /* ---- parked connections, on the accepting thread ---- */
@@ -578,6 +675,7 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
     srv->cfg.watch = &srv->watch;
     srv->cfg.reader_count = reader_count;
     srv->cfg.park = park;
+    srv->cfg.start_reader = start_reader;
     pconn__rpc_impls_ref(srv->cfg.impls);
     srv->cfg.pool = pconn__rpc_pool_new(SERVER_POOL_MAX);
     int prc = set && srv->cfg.pool != NULL && srv->cfg.stats != NULL
@@ -629,9 +727,14 @@ void pconn_rpc_server_stop(pconn_rpc_server_t *srv)
     for (entry_t *e = all; e != NULL; e = e->next)
         pconn_conn_close(e->conn);
     free_entries(all);
-    /* Every connection is closed: their readers end; wait until none can call us. */
+    /* Every connection is closed: their readers end; wait until none can call us, and
+     * then for the reading threads, spares included (told to go). */
     pconn__mutex_lock(&srv->mutex);
     while (srv->readers > 0)
+        pthread_cond_wait(&srv->cond, &srv->mutex);
+    for (spare_t *s = srv->spares; s != NULL; s = s->next)
+        pthread_cond_signal(&s->cond);
+    while (srv->reading_threads > 0)
         pthread_cond_wait(&srv->cond, &srv->mutex);
     pconn__mutex_unlock(&srv->mutex);
     pconn__rpc_pool_release(srv->cfg.pool); /* waits for running handlers */
@@ -652,9 +755,11 @@ char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv)
         return NULL;
     pconn__mutex_lock(&srv->mutex);
     int conns = srv->nconns, greeters = srv->ngreetings, parked = srv->nparked;
+    int reading = srv->reading_threads;
     pconn__mutex_unlock(&srv->mutex);
-    json_t *o = json_pack("{s:s,s:i,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
-                          "handshakes", greeters, "parked", parked, "handlers_busy",
+    json_t *o = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i}", "address", srv->address, "connections", conns,
+                          "handshakes", greeters, "parked", parked, "reading_threads", reading,
+                          "handlers_busy",
                           pconn__rpc_pool_busy(srv->cfg.pool) + atomic_load(&srv->watch.running));
     if (o == NULL)
         return NULL;
