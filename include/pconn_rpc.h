@@ -51,7 +51,7 @@ typedef struct pconn_rpc_impls_t pconn_rpc_impls_t;
  * of the queries read together go out in one write: no hand-over per call. Queries of a
  * batch still waiting 10 ms after it was read go to the server's handler pool instead;
  * a handler still running after 10 ms on the reading thread, or one that calls its peer
- * back with pconn_rpc_call(), hands the reading to a new thread (at most 256 such
+ * back with pconn_rpc_call(), hands the reading to another thread (at most 256 such
  * threads per server; past that the connection waits for its handler). So a slow
  * handler holds up no other query and no heartbeat for much longer than 10 ms. A
  * handler that calls its peer back when no thread can be started gets PCONN_ENOMEM at
