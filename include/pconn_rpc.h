@@ -51,13 +51,16 @@ typedef struct pconn_rpc_impls_t pconn_rpc_impls_t;
  * of the queries read together go out in one write: no hand-over per call. Queries of a
  * batch still waiting 10 ms after it was read go to the server's handler pool instead;
  * a handler still running after 10 ms on the reading thread, or one that calls its peer
- * back with pconn_rpc_call(), hands the reading to another thread (at most 256 such
- * threads per server; past that the connection waits for its handler). So a slow
- * handler holds up no other query and no heartbeat for much longer than 10 ms. A
- * handler that calls its peer back when no thread can be started gets PCONN_ENOMEM at
- * once ("no thread to read the answer"). A handler that waits as a rule (on a disk, on
- * another service) is better registered with pconn_rpc_impls_add_blocking(): it then
- * runs on the server's handler pool at once. On the client side (a pconn's
+ * back with pconn_rpc_call(), hands the reading to another thread (one left waiting by
+ * an earlier connection, or a new one; at most 256 beyond one per connection; past
+ * that the connection waits for its handler). So a slow handler holds up no other
+ * query and no heartbeat for much longer than 10 ms. A handler that calls its peer back
+ * when no thread can be had gets PCONN_ENOMEM at once ("no thread to read the
+ * answer"). The reading threads are shared: one reads, and runs the handlers of,
+ * several connections in turn, so per-thread state a handler sets carries over. A
+ * handler that waits as a rule (on a disk, on another service) is better registered
+ * with pconn_rpc_impls_add_blocking(): it then runs on the server's handler pool at
+ * once. On the client side (a pconn's
  * `implementations`) every handler runs on the pconn's handler pool.
  *
  * A handler may call anything, pconn_free() of its own pconn included (its pool then
@@ -254,8 +257,9 @@ int pconn_rpc_server_start(const pconn_rpc_server_options_t *opts, pconn_rpc_ser
 
 /* The server's counters as one JSON object (see pconn_stats_json() for "rpc"):
  * {"address", "connections", "handshakes" (under way), "parked" (connections idle,
- * which no thread reads), "reading_threads" (threads reading a connection, or waiting
- * up to 2 s for the next one to read), "handlers_busy", "rpc": {...}}. malloc'd,
+ * which no thread reads), "reading_threads" (the server's reading threads: reading a
+ * connection, finishing a handler they began while reading, or waiting up to 2 s for
+ * the next connection to read), "handlers_busy", "rpc": {...}}. malloc'd,
  * free() it; NULL for NULL or out of memory. Any thread. */
 char *pconn_rpc_server_stats_json(pconn_rpc_server_t *srv);
 
