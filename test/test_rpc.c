@@ -2145,20 +2145,34 @@ static void test_call_timeout_covers_sending(void)
     rec_destroy(&rec);
 }
 
-/* Calls with timeout 0 still read: a caller past its deadline takes what has arrived,
- * so the answers of abandoned calls do not pile up until the server, blocked writing
- * them, gives the connection up. 150,000 calls of 1 KiB answers (150 MB: far more than
- * the socket buffers hold) against a server that closes a connection whose peer reads
- * nothing for 300 ms; the requests are small, so they never fill the client's own send
- * buffer. Then the connection is up and the next call gets its own answer. Before:
- * nothing read the answers, and the server closed the connection ("an answer could not
- * be sent for 300 ms: the peer does not read"). */
+static pthread_mutex_t t0_mutex = PTHREAD_MUTEX_INITIALIZER;
+static char t0_warning[256];
+
+static void t0_log(int level, const char *message, void *arg)
+{
+    (void)level, (void)arg;
+    pthread_mutex_lock(&t0_mutex);
+    if (t0_warning[0] == '\0')
+        snprintf(t0_warning, sizeof t0_warning, "%s", message);
+    pthread_mutex_unlock(&t0_mutex);
+}
+
+/* Calls with timeout 0 still read: a caller past its deadline takes what has arrived
+ * (and so does one whose request could not go out), so the answers of abandoned calls
+ * do not pile up until the server, blocked writing them, gives the connection up.
+ * 400,000 calls of 1 KiB answers (far more than the socket buffers hold) against a
+ * server that gives up on a peer reading nothing for 1 s. Before: nothing read the
+ * answers; the server stopped reading and the client's requests went out cut (4 runs
+ * in 4 on a362fbd). The server's 1 s is also its heartbeat timeout: a client starved of
+ * CPU that long (a loaded machine) is closed for that instead, which is not what this
+ * test is about; then only the first check holds. */
 static void test_timeout_zero_calls(void)
 {
     pconn_rpc_impls_t *impls = server_impls();
     pconn_rpc_server_options_t so = {.listen_address = "127.0.0.1:0", .implementations = impls,
-                                     .heartbeat = {.timeout_ms = 300}};
+                                     .heartbeat = {.timeout_ms = 1000}, .on_log = t0_log};
     pconn_rpc_server_t *srv = NULL;
+    t0_warning[0] = '\0';
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_server_start(&so, &srv, NULL), PCONN_OK);
     const char *address = pconn_rpc_server_address(srv);
     recorder_t rec;
@@ -2169,7 +2183,7 @@ static void test_timeout_zero_calls(void)
     CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
     CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
     int other = 0;
-    for (int i = 0; i < 150000 && other == 0; i++) {
+    for (int i = 0; i < 400000 && other == 0; i++) {
         pconn_buf_t resp;
         int rc = pconn_rpc_call(conn, "bytes", 1, "1024", 4, &resp, 0, NULL);
         if (rc == PCONN_OK)
@@ -2177,11 +2191,17 @@ static void test_timeout_zero_calls(void)
         else if (rc != PCONN_ETIMEDOUT)
             other++;
     }
-    CU_ASSERT_EQUAL(other, 0);
-    CU_ASSERT_FALSE(pconn_conn_is_closed(conn));
     pconn_buf_t resp;
-    CU_ASSERT_EQUAL(pconn_rpc_call(conn, "echo", 1, "after", 5, &resp, WAIT_MS, NULL), PCONN_OK);
-    CU_ASSERT(resp.len == 5 && memcmp(resp.data, "after", 5) == 0);
+    int rc = pconn_rpc_call(conn, "echo", 1, "after", 5, &resp, WAIT_MS, NULL);
+    pthread_mutex_lock(&t0_mutex);
+    CU_ASSERT_PTR_NULL(strstr(t0_warning, "does not read"));
+    bool starved = strstr(t0_warning, "heartbeat timeout") != NULL;
+    pthread_mutex_unlock(&t0_mutex);
+    if (!starved) {
+        CU_ASSERT_EQUAL(other, 0);
+        CU_ASSERT_EQUAL(rc, PCONN_OK);
+        CU_ASSERT(rc == PCONN_OK && resp.len == 5 && memcmp(resp.data, "after", 5) == 0);
+    }
     pconn_buf_free(&resp);
     pconn_conn_unref(conn);
     pconn_free(pc);

@@ -103,6 +103,39 @@ static int lead(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline, 
     return a;
 }
 
+/* Under c->lock, with the reading role free: leads for the batch ps[0..n) (the lock is
+ * dropped meanwhile), then frees the role; what lead() said. */
+static int lead_locked(rpc_conn_t *c, const pending_t *ps, size_t n, int64_t deadline)
+{
+    c->role = ROLE_CALLER;
+    pconn__mutex_unlock(&c->lock);
+    bool answers_left = false;
+    int a = lead(c, ps, n, deadline, &answers_left);
+    pconn__mutex_lock(&c->lock);
+    c->role = ROLE_NONE;
+    if (a == RD_BIG || (answers_left && !c->failed)) {
+        c->watcher_wanted = true;
+        pthread_cond_signal(&c->watch_cond);
+    }
+    return a;
+}
+
+/* A caller whose request could not go out by its deadline: the peer may be reading
+ * nothing until the answers to earlier calls are read, so the caller takes what has
+ * arrived, once, for everyone, when no one else reads (as a caller past its deadline
+ * does for its answer). Without it a loop of timeout-0 calls against a slow server
+ * stopped reading altogether. */
+static void drain_once(rpc_conn_t *c, int64_t deadline)
+{
+    pending_t never = {.id = 1}; /* not done, ever: lead() reads until its deadline */
+    pconn__mutex_lock(&c->lock);
+    if (!c->cfg.server && c->role == ROLE_NONE && !c->watcher_wanted && !c->failed)
+        lead_locked(c, &never, 1, deadline);
+    _Atomic uint32_t *next = elect_locked(c);
+    pconn__mutex_unlock(&c->lock);
+    wake(next);
+}
+
 /* ---- calls --------------------------------------------------------------------- */
 
 static void unlink_pending(rpc_conn_t *c, pending_t *p)
@@ -293,6 +326,8 @@ static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
         if (wrc == WF_TIMEOUT_MIDFRAME)
             pconn__rpc_fail(c, PCONN_EIO, "a request left half-sent after %lld ms: the peer does not read",
                  (long long)timeout_ms);
+        else
+            drain_once(c, deadline);
         for (size_t i = 0; i < n; i++) {
             if (ps[i].id == 0)
                 continue;
@@ -315,17 +350,7 @@ static void run_calls_wait(rpc_conn_t *c, pconn_rpc_call_t *calls, size_t n,
     bool can_lead = !c->cfg.server;
     while (!batch_done_locked(ps, n)) {
         if (can_lead && c->role == ROLE_NONE && !c->watcher_wanted && !c->failed) {
-            c->role = ROLE_CALLER;
-            pconn__mutex_unlock(&c->lock);
-            bool answers_left = false;
-            int a = lead(c, ps, n, deadline, &answers_left);
-            pconn__mutex_lock(&c->lock);
-            c->role = ROLE_NONE;
-            if (a == RD_BIG || (answers_left && !c->failed)) {
-                c->watcher_wanted = true;
-                pthread_cond_signal(&c->watch_cond);
-            }
-            if (a == RD_DEADLINE)
+            if (lead_locked(c, ps, n, deadline) == RD_DEADLINE)
                 break;
             continue;
         }
