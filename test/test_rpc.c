@@ -201,6 +201,15 @@ static pconn_rpc_options_t client_options(recorder_t *rec, const char *const *ad
     return o;
 }
 
+/* A pconn of o (*pc) and its first connection: one reference, the caller's. */
+static pconn_conn_t *connected_client(const pconn_rpc_options_t *o, pconn_t **pc)
+{
+    pconn_conn_t *conn = NULL;
+    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(o, pc), PCONN_OK);
+    CU_ASSERT_EQUAL_FATAL(pconn_connected(*pc, WAIT_MS, &conn), PCONN_OK);
+    return conn;
+}
+
 static void setup(fixture_t *f)
 {
     memset(f, 0, sizeof *f);
@@ -282,9 +291,7 @@ static void test_response_over_client_limit(void)
     const char *address = pconn_rpc_server_address(srv);
     pconn_rpc_options_t o = client_options(&rec, &address, 1);
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     pconn_buf_t resp;
     pconn_error_t err;
     CU_ASSERT_EQUAL(pconn_rpc_call(conn, "bytes", 1, "3000000", 7, &resp, WAIT_MS, &err), PCONN_ETOOBIG);
@@ -1222,9 +1229,7 @@ static void test_server_killed_calls_fail_and_failover(void)
     CU_ASSERT_EQUAL_FATAL(pair_start(&p), 0);
     pconn_rpc_options_t o = client_options(&p.rec, p.list, 2);
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     CU_ASSERT_STRING_EQUAL(pconn_conn_address(conn), p.addr_a);
 
     /* Four calls in flight, each for a minute; then A dies. */
@@ -1544,9 +1549,7 @@ static void test_held_connection_outlives_client(void)
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     o.implementations = impls;
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     pconn_free(pc);               /* while the client is still working through the flood */
     pconn_rpc_impls_free(impls);  /* the library keeps its own references */
     pconn_buf_t resp;
@@ -2052,9 +2055,7 @@ static void test_leader_leaves_mid_frame(void)
     const char *list[] = {d.address};
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     pconn_buf_t resp;
     pconn_error_t err;
     CU_ASSERT_EQUAL(pconn_rpc_call(conn, "first", 1, "a", 1, &resp, 200, &err), PCONN_ETIMEDOUT);
@@ -2125,9 +2126,7 @@ static void test_call_timeout_covers_sending(void)
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     o.max_message_size = 64 << 20;
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     size_t big = 32u << 20;
     char *req = calloc(1, big);
     pconn_buf_t resp;
@@ -2240,9 +2239,7 @@ static void test_call_deadline_against_deaf_asker(void)
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     o.heartbeat.timeout_ms = 10000;
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     pconn_buf_t resp;
     pconn_error_t err;
     int64_t t0 = pconn_clock_now(NULL);
@@ -2288,9 +2285,7 @@ static void test_queued_writers_keep_deadlines(void)
     const char *list[] = {d.address};
     pconn_rpc_options_t o = client_options(&rec, list, 1);
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     timed_call_t t[8];
     for (int i = 0; i < 8; i++) {
         t[i] = (timed_call_t){.conn = conn, .timeout_ms = 100 * (i + 1)};
@@ -2371,9 +2366,7 @@ static void test_call_many_one_write(void)
     pconn_rpc_options_t o = client_options(&rec, &address, 1);
     o.transport = &ct;
     pconn_t *pc = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_rpc_create(&o, &pc), PCONN_OK);
-    pconn_conn_t *conn = NULL;
-    CU_ASSERT_EQUAL_FATAL(pconn_connected(pc, WAIT_MS, &conn), PCONN_OK);
+    pconn_conn_t *conn = connected_client(&o, &pc);
     pconn_rpc_call_t calls[16];
     char reqs[16][16];
     for (int i = 0; i < 16; i++) {

@@ -254,9 +254,8 @@ PCONN_HIDDEN int pconn__rpc_flush_answers(rpc_conn_t *c);
 PCONN_HIDDEN bool pconn__rpc_serve_query(rpc_conn_t *c, uint64_t me, const rpc_msg_t *m,
                                          uint8_t *owned);
 PCONN_HIDDEN int pconn__rpc_handoff(rpc_conn_t *c, int64_t since_ns, uint64_t gen);
-PCONN_HIDDEN void *pconn__rpc_reader_main(void *arg);
-/* A server's reading role of c goes to a thread (cfg.start_reader's, or a new one): 0,
- * or -1 when none could be had. */
+/* A server's reading role of c goes to a thread of cfg.start_reader's: 0, or -1 when
+ * none could be had. */
 PCONN_HIDDEN int pconn__rpc_start_reader(rpc_conn_t *c);
 
 /* call.c: calls */

@@ -139,7 +139,7 @@ typedef struct rpc_config_t {
      * (see pconn__rpc_conn_parked()). */
     void (*park)(void *arg, pconn_conn_t *conn);
     /* Server: a thread for conn's reading role (it calls pconn__rpc_conn_read(conn));
-     * 0, or -1 when none could be had. NULL: a new thread each time. */
+     * 0, or -1 when none could be had. */
     int (*start_reader)(void *arg, pconn_conn_t *conn);
 } rpc_config_t;
 

@@ -280,21 +280,12 @@ int64_t pconn__rpc_conn_inline_since(pconn_conn_t *conn)
 
 int pconn__rpc_start_reader(rpc_conn_t *c)
 {
-    if (c->cfg.start_reader != NULL)
-        return c->cfg.start_reader(c->exit_arg, c->conn);
-    pthread_t t;
-    /* The default stack, as handlers run on it. */
-    return pconn__thread_start(&t, pconn__rpc_reader_main, c, 0, true);
+    return c->cfg.start_reader(c->exit_arg, c->conn);
 }
 
 void pconn__rpc_conn_read(pconn_conn_t *conn)
 {
-    pconn__rpc_reader_main(pconn_conn_impl(conn));
-}
-
-void *pconn__rpc_reader_main(void *arg)
-{
-    rpc_conn_t *c = arg;
+    rpc_conn_t *c = pconn_conn_impl(conn);
     pconn__rpc_tl_reader = c;
     pconn__mutex_lock(&c->role_lock);
     uint64_t me = c->role_gen;
@@ -306,7 +297,7 @@ void *pconn__rpc_reader_main(void *arg)
         /* Idle: the role and this thread's reference go to the server's poller. */
         pconn__rpc_tl_reader = NULL;
         c->cfg.park(c->exit_arg, c->conn);
-        return NULL;
+        return;
     }
     if (a == FRAME_LEFT) {
         /* The role went on without this thread: it leaves with its reference. */
@@ -316,12 +307,11 @@ void *pconn__rpc_reader_main(void *arg)
         pconn_conn_unref(c->conn);
         if (on_exit != NULL)
             on_exit(exit_arg);
-        return NULL;
+        return;
     }
     pconn__rpc_free_answers(c); /* the connection failed: they cannot go out */
     pconn__rpc_reader_exit(c);
     pconn__rpc_tl_reader = NULL;
-    return NULL;
 }
 
 /* ---- server: parked connections ------------------------------------------------ */

@@ -566,7 +566,9 @@ static void *accept_main(void *arg)
             break;
         if (atomic_load(&srv->watch.busy) > 0)
             hand_off_slow(srv);
-        pconn__wake_drain(srv->wake_fd);
+        for (int i = 0; i < n; i++)
+            if (evs[i].data.ptr == &mark_wake) /* a system call only when woken */
+                pconn__wake_drain(srv->wake_fd);
         entry_t *dead = NULL;
         pconn__mutex_lock(&srv->mutex);
         bool stopping = srv->stopping;
